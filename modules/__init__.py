@@ -1,0 +1,12 @@
+"""IDE-FSNN: feedback spiking networks trained by implicit differentiation on the equilibrium state."""
+from .implicit import ImplicitGradient
+from .layers import Connection, Feedback, SpectralScale, VariationalDropout, unit_fanin_init_
+from .models import ARCHITECTURES, Architecture, SNNClassifier, build_model, build_snn
+from .snn import FeedbackSNN, is_leaky, rate_weights
+from .solvers import SOLVERS, broyden, fixed_point_iter, get_solver
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "Connection", "Feedback", "FeedbackSNN", "ImplicitGradient",
+    "SNNClassifier", "SOLVERS", "SpectralScale", "VariationalDropout", "broyden", "build_model",
+    "build_snn", "fixed_point_iter", "get_solver", "is_leaky", "rate_weights", "unit_fanin_init_",
+]

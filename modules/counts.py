@@ -1,0 +1,24 @@
+"""Print the neurons and learnable parameters of the paper's nets: `python -m modules.counts`."""
+from .models import ARCHITECTURES, build_model
+
+
+def count_rows():
+    """(net, classes, neurons, params, paper neurons, paper params) for every row of the paper's table."""
+    rows = []
+    for name, arch in ARCHITECTURES.items():
+        for classes, (neurons, params) in arch.table.items():
+            model = build_model(name, num_classes=classes)
+            rows.append((name, classes, model.count_neurons(), model.count_parameters(), neurons, params))
+    return rows
+
+
+def main():
+    """Print the counts table in Markdown."""
+    print("| net | classes | neurons | params | paper neurons | paper params |")
+    print("|---|---|---|---|---|---|")
+    for name, classes, neurons, params, paper_n, paper_p in count_rows():
+        print(f"| {name} | {classes} | {neurons:,} | {params:,} | {paper_n} | {paper_p} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Building blocks of a feedback spiking network.
+
+Every synaptic operator of the network (the input layer F, the feed-forward
+layers W_l inside the feedback loop and the feedback operator W_fb) is a
+`Connection`: a linear operator (fc, conv or transposed conv), optionally
+followed by batch normalisation and average pooling, then variational dropout.
+The feedback operator's weight is reparameterised by `SpectralScale`.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+@torch.no_grad()
+def unit_fanin_init_(linear):
+    """U(-1, 1) weights, each output unit's fan-in slice scaled to unit L2 norm; zero bias."""
+    weight = linear.weight
+    weight.uniform_(-1.0, 1.0)
+    # ConvTranspose stores (in, out, kh, kw): output unit i owns the slice [:, i].
+    out_dim = 1 if isinstance(linear, nn.ConvTranspose2d) else 0
+    dims = [d for d in range(weight.dim()) if d != out_dim]
+    weight.div_(torch.linalg.vector_norm(weight, dim=dims, keepdim=True).clamp_min(1e-12))
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
+class SpectralScale(nn.Module):
+    """Parametrization W = clamp(g, -r, r) · V / σ(V), σ the spectral norm of V as (dim 0, rest).
+
+    σ is estimated as u·(V v) with power-iteration vectors u, v (buffers). They
+    advance by one step per training forward (`power_iteration`), never in
+    evaluation, so evaluating a model changes none of its state.
+    """
+
+    def __init__(self, weight, bound=1.0):
+        super().__init__()
+        matrix = weight.detach().flatten(1)
+        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        self.bound = bound
+        self.g = nn.Parameter(S[0].clone())
+        self.register_buffer("u", U[:, 0].clone())
+        self.register_buffer("v", Vh[0].clone())
+
+    def forward(self, V):
+        """Effective weight from the raw weight V."""
+        sigma = torch.dot(self.u, V.flatten(1) @ self.v)
+        return self.g.clamp(-self.bound, self.bound) * V / sigma
+
+    @torch.no_grad()
+    def power_iteration(self, V):
+        """One power-iteration step on V reshaped to (dim 0, rest)."""
+        matrix = V.flatten(1)
+        self.v.copy_(F.normalize(matrix.t() @ self.u, dim=0, eps=1e-12))
+        self.u.copy_(F.normalize(matrix @ self.v, dim=0, eps=1e-12))
+
+
+class VariationalDropout(nn.Module):
+    """Dropout with one Bernoulli(1-p) mask per sample and neuron, scaled by 1/(1-p).
+
+    The mask is drawn at its first use after `reset()` and then reused, so all
+    time steps of a simulation and the equilibrium function f see the same one.
+    """
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.mask = None
+
+    def reset(self):
+        """Forget the mask; the next training call draws a new one."""
+        self.mask = None
+
+    def forward(self, h):
+        """Apply the current mask (identity in evaluation)."""
+        if not self.training or self.p == 0.0:
+            return h
+        if self.mask is None or self.mask.shape != h.shape:
+            keep = torch.full_like(h, 1.0 - self.p, dtype=torch.float32)
+            self.mask = torch.bernoulli(keep).div_(1.0 - self.p).to(h.dtype)
+        return h * self.mask
+
+
+def batch_stats(h):
+    """Per-channel (mean, biased variance) of h, channels on dim 1, as BN uses them."""
+    dims = [0] + list(range(2, h.dim()))
+    return h.mean(dim=dims), h.var(dim=dims, unbiased=False)
+
+
+class Connection(nn.Module):
+    """A synaptic operator: linear op (+ BN) (+ avg-pool) + variational dropout.
+
+    BN is applied in one of three ways, chosen by the caller:
+    `stats=(mean, var)` normalises with given statistics (the simulation);
+    otherwise in training the batch statistics are used, and the running
+    statistics move only if `update_stats` (once per training step, in f);
+    in evaluation the running statistics are used.
+    """
+
+    def __init__(self, linear, bn=False, pool=None, dropout=0.0, flatten=False):
+        super().__init__()
+        self.flatten = flatten
+        self.linear = linear
+        unit_fanin_init_(linear)
+        if bn:
+            channels = linear.weight.shape[1 if isinstance(linear, nn.ConvTranspose2d) else 0]
+            self.bn = (nn.BatchNorm2d if isinstance(linear, (nn.Conv2d, nn.ConvTranspose2d)) else nn.BatchNorm1d)(channels)
+        else:
+            self.bn = None
+        self.pool = nn.AvgPool2d(pool) if pool else None
+        self.dropout = VariationalDropout(dropout)
+
+    def linear_part(self, h):
+        """The linear operator alone (no BN, pooling or dropout)."""
+        return self.linear(h.flatten(1) if self.flatten else h)
+
+    def running_stats(self):
+        """The BN running statistics, as a (mean, var) pair."""
+        return self.bn.running_mean, self.bn.running_var
+
+    def normalize(self, h, stats=None, update_stats=False):
+        """Batch-normalise h following the rule in the class docstring."""
+        bn = self.bn
+        if stats is not None:
+            mean, var = stats
+            return F.batch_norm(h, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if self.training and update_stats:
+            return bn(h)
+        if self.training:
+            return F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    def forward(self, h, stats=None, update_stats=False):
+        """Output current of the operator for input h (spikes, rates or images)."""
+        h = self.linear_part(h)
+        if self.bn is not None:
+            h = self.normalize(h, stats, update_stats)
+        if self.pool is not None:
+            h = self.pool(h)
+        return self.dropout(h)
+
+
+class Feedback(Connection):
+    """The feedback operator W (single-layer nets) or W_fb (multi-layer nets).
+
+    No bias and no BN; its weight is reparameterised with `SpectralScale` so that
+    its spectral norm stays at most `bound`, keeping the equilibrium contractive.
+    """
+
+    def __init__(self, linear, dropout=0.0, bound=1.0):
+        if linear.bias is not None:
+            raise ValueError("the feedback operator has no bias")
+        super().__init__(linear, bn=False, dropout=dropout)
+        parametrize.register_parametrization(linear, "weight", SpectralScale(linear.weight, bound))
+
+    @property
+    def spectral(self):
+        """The SpectralScale parametrization of the weight."""
+        return self.linear.parametrizations.weight[0]
+
+    @torch.no_grad()
+    def power_iteration(self):
+        """Advance the spectral-norm estimate by one step."""
+        self.spectral.power_iteration(self.linear.parametrizations.weight.original)

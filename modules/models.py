@@ -1,0 +1,158 @@
+"""The paper's five networks and the classifier that reads their equilibrium state."""
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import Connection, Feedback
+from .snn import FeedbackSNN, is_leaky
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A feedback SNN's shape: input layer, convs inside the loop, feedback operator.
+
+    kind 'fc': input_layer = fc(in → widths[0]); feedback = fc(widths[0] → widths[0]).
+    kind 'conv': input_layer = conv(in_channels → widths[0], k, stride, padding) + BN;
+    loop layers conv(widths[l-1] → widths[l], k3 p1, strides[l]) + BN + bias;
+    feedback: same-size conv (single layer) or a ConvTranspose back to layer 1.
+    """
+    kind: str
+    input_shape: tuple            # (C, H, W), without the time axis of spike input
+    widths: tuple                 # channels (or units) of the spiking layers 1..N
+    input_kernel: int = 3
+    input_stride: int = 1
+    input_padding: int = 1
+    loop_strides: tuple = ()      # stride of each layer inside the loop, layers 2..N
+    feedback_kernel: int = 5      # single-layer conv feedback
+    spike_input: bool = False
+    solver: str = "broyden"
+    description: str = ""
+    table: dict = field(default_factory=dict)  # the paper's rounded counts, per class count
+
+
+ARCHITECTURES = {
+    "mnist_conv": Architecture(
+        "conv", (1, 28, 28), (64,), input_kernel=5, input_stride=2, input_padding=2,
+        description="64C5s (F64C5), MNIST",
+        table={10: ("13K", "229K")}),
+    "fashion_mlp": Architecture(
+        "fc", (1, 28, 28), (400,),
+        description="400 (F400), Fashion-MNIST",
+        table={10: ("1.2K", "478K")}),
+    "nmnist_conv": Architecture(
+        "conv", (2, 34, 34), (64,), input_kernel=5, input_stride=2, input_padding=2,
+        spike_input=True, solver="iter",
+        description="64C5s (F64C5), N-MNIST spike input",
+        table={10: ("21K", "291K")}),
+    "alexnetf": Architecture(
+        "conv", (3, 32, 32), (96, 256, 384, 384, 256), input_kernel=3, input_stride=2,
+        input_padding=1, loop_strides=(1, 2, 1, 1),
+        description="AlexNet-F, CIFAR",
+        table={10: ("159K", "3.7M"), 100: ("159K", "5.2M")}),
+    "cifarnetf": Architecture(
+        "conv", (3, 32, 32), (128, 256, 512, 1024, 512), input_kernel=3, input_stride=2,
+        input_padding=1, loop_strides=(1, 2, 1, 1),
+        description="CIFARNet-F, CIFAR",
+        table={10: ("232K", "11.8M"), 100: ("232K", "14.8M")}),
+}
+
+
+def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver=None, threshold=30, tol=None):
+    """The FeedbackSNN of an Architecture."""
+    w = arch.widths
+    if arch.kind == "fc":
+        input_layer = Connection(nn.Linear(math.prod(arch.input_shape), w[0]), bn=True,
+                                 dropout=dropout, flatten=True)
+        layers = []
+        feedback = Feedback(nn.Linear(w[0], w[0], bias=False), dropout=dropout)
+    else:
+        input_layer = Connection(nn.Conv2d(arch.input_shape[0], w[0], arch.input_kernel, arch.input_stride,
+                                           arch.input_padding), bn=True, dropout=dropout)
+        layers = [Connection(nn.Conv2d(w[l - 1], w[l], 3, arch.loop_strides[l - 1], 1), bn=True, dropout=dropout)
+                  for l in range(1, len(w))]
+        if layers:
+            # Undo the loop's total downsampling on the way back to layer 1.
+            stride = math.prod(arch.loop_strides)
+            feedback_op = nn.ConvTranspose2d(w[-1], w[0], 3, stride, 1, output_padding=stride - 1, bias=False)
+        else:
+            k = arch.feedback_kernel
+            feedback_op = nn.Conv2d(w[0], w[0], k, 1, k // 2, bias=False)
+        feedback = Feedback(feedback_op, dropout=dropout)
+    return FeedbackSNN(input_layer, layers, feedback, time_step=time_step, vth=vth, leak=leak,
+                       spike_input=arch.spike_input, solver=solver or arch.solver,
+                       threshold=threshold, tol=tol)
+
+
+class SNNClassifier(nn.Module):
+    """A feedback SNN followed by one linear classifier on its flattened state rate."""
+
+    def __init__(self, arch, num_classes=10, **snn_kwargs):
+        super().__init__()
+        self.arch = arch
+        self.snn = build_snn(arch, **snn_kwargs)
+        self.state_shapes = self._layer_shapes()
+        self.classifier = nn.Linear(math.prod(self.state_shapes[-1]), num_classes)
+
+    @torch.no_grad()
+    def _layer_shapes(self):
+        """Shape (without batch) of every spiking layer, found by pushing a zero input through."""
+        h = self.snn.input_layer.linear_part(torch.zeros(1, *self.arch.input_shape))
+        if self.snn.input_layer.pool is not None:
+            h = self.snn.input_layer.pool(h)
+        shapes = [tuple(h.shape[1:])]
+        for layer in self.snn.layers:
+            h = layer.linear_part(h)
+            shapes.append(tuple(h.shape[1:]))
+        return shapes
+
+    def check_input(self, x):
+        """Raise one clear error for an input of the wrong shape or dtype."""
+        shape = tuple(self.arch.input_shape) + (("T",) if self.arch.spike_input else ())
+        expected = "(B, " + ", ".join(str(d) for d in shape) + ")"
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            got = f"dtype {x.dtype}" if torch.is_tensor(x) else type(x).__name__
+            raise TypeError(f"expected a floating-point input tensor of shape {expected}, got {got}")
+        fixed = tuple(x.shape[1:1 + len(self.arch.input_shape)])
+        ok = x.dim() == 1 + len(shape) and fixed == tuple(self.arch.input_shape) and x.shape[0] > 0
+        if self.arch.kind == "fc" and x.dim() == 2 and x.shape[1] == math.prod(self.arch.input_shape):
+            ok = True
+        if not ok:
+            raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
+
+    def forward(self, x):
+        """Logits (B, num_classes)."""
+        self.check_input(x)
+        return self.classifier(self.snn(x).flatten(1))
+
+    def get_all_rate(self, x):
+        """Average firing rate of every spiking layer, as (B, n_l) tensors in input-flow order."""
+        self.check_input(x)
+        return self.snn.all_rates(x)
+
+    @property
+    def solver_stats(self):
+        """Info of the last adjoint solve (nstep, residual, rel_residual, trace), or None."""
+        return self.snn.solver_stats
+
+    def count_neurons(self):
+        """Input neurons plus spiking neurons."""
+        return math.prod(self.arch.input_shape) + sum(math.prod(s) for s in self.state_shapes)
+
+    def count_parameters(self):
+        """Learnable parameters (classifier, BN affine and the feedback scale g included)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout=0.0,
+                solver="broyden", threshold=30, tol=None):
+    """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
+
+    `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    leak = leaky if is_leaky(leaky) else 1.0
+    return SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
+                         vth=vth, dropout=dropout, solver=solver, threshold=threshold, tol=tol)

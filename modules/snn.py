@@ -1,0 +1,201 @@
+"""Feedback spiking network: IF/LIF dynamics, equilibrium function, implicit training.
+
+Layers 1..N (N = 1 for single-hidden-layer nets). With spikes s_l[t] and
+membrane potentials u_l[t] (reset by subtraction, u[-1] = s[-1] = 0):
+
+    I_1[t]     = F(x[t]) + W_fb s_N[t-1]          (input layer F, feedback W_fb)
+    I_{l+1}[t] = W_l s_l[t]
+    u_l[t]     = λ (u_l[t-1] - Vth s_l[t-1]) + I_l[t],   s_l[t] = H(u_l[t] - Vth)
+
+IF is the case λ = 1. The state is the last layer's rate
+a = Σ_t λ^(T-1-t) s_N[t] / Σ_t λ^(T-1-t) (the plain average for IF), which
+approaches the equilibrium a* = f(a*) of
+
+    f(a) = g_N ∘ … ∘ g_2 ( clamp((W_fb a + F(x̄)) / Vth, 0, 1) ),
+    g_l(h) = clamp(W_{l-1} h / Vth, 0, 1),
+
+x̄ being x for static input, or the same weighted time average of spike input.
+"""
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .implicit import ImplicitGradient
+from .layers import Feedback, VariationalDropout, batch_stats
+from .solvers import get_solver
+
+
+def is_leaky(leak):
+    """True for a leak λ that makes a LIF neuron (0 < λ < 1); anything else means IF."""
+    return leak is not None and 0.0 < leak < 1.0
+
+
+def rate_weights(time_step, leak, dtype=torch.float32, device=None):
+    """Weights w_t = λ^(T-1-t) / Σ_k λ^k of the state rate over t = 0..T-1 (1/T for IF)."""
+    powers = torch.arange(time_step - 1, -1, -1, dtype=torch.float64, device=device)
+    weights = torch.full_like(powers, leak) ** powers
+    return (weights / weights.sum()).to(dtype)
+
+
+class FeedbackSNN(nn.Module):
+    """A feedback spiking network trained by implicit differentiation (see module docstring).
+
+    input_layer: Connection F; layers: Connections W_1..W_{N-1} (conv + BN + bias);
+    feedback: Feedback W_fb from layer N back to layer 1. `leak` is λ, with
+    λ = 1 for IF. `spike_input` means x is (B, ..., T), one frame per step.
+    The adjoint equation is solved by `solver` ('broyden' or 'iter') with at
+    most `threshold` iterations and optional relative tolerance `tol`.
+    J is taken at the simulated rate for single-layer nets and at z = f(a) for
+    multi-layer nets (`jacobian_at_f`), as in the paper's release: early in
+    training a deep loop's last layer can be silent (a = 0), and one step of f
+    gives a far more informative linearisation there.
+    """
+
+    def __init__(self, input_layer, layers, feedback, time_step=30, vth=2.0, leak=1.0,
+                 spike_input=False, solver="broyden", threshold=30, tol=None, jacobian_at_f=None):
+        super().__init__()
+        if time_step < 1:
+            raise ValueError(f"time_step must be >= 1, got {time_step}")
+        if vth <= 0:
+            raise ValueError(f"vth must be > 0, got {vth}")
+        if not isinstance(feedback, Feedback):
+            raise TypeError("feedback must be a modules.layers.Feedback")
+        self.input_layer = input_layer
+        self.layers = nn.ModuleList(layers)
+        self.feedback = feedback
+        self.time_step = time_step
+        self.vth = vth
+        self.leak = leak if is_leaky(leak) else 1.0
+        self.spike_input = spike_input
+        self.configure_solver(solver, threshold, tol)
+        self.jacobian_at_f = len(layers) > 0 if jacobian_at_f is None else jacobian_at_f
+        self.solver_stats = None
+
+    def configure_solver(self, solver="broyden", threshold=30, tol=None):
+        """Choose the adjoint solver, its iteration cap and optional tolerance."""
+        if threshold < 1:
+            raise ValueError(f"threshold must be >= 1, got {threshold}")
+        self._solve_fn = get_solver(solver)
+        self.solver, self.threshold, self.tol = solver, threshold, tol
+
+    # ---------------------------------------------------------------- simulation
+    def input_frames(self, x):
+        """The T input frames as a list (static input: T references to x)."""
+        if not self.spike_input:
+            return [x] * self.time_step
+        if x.shape[-1] < self.time_step:
+            raise ValueError(f"spike input has {x.shape[-1]} frames, the network simulates "
+                             f"{self.time_step} time steps")
+        return x.unbind(-1)[:self.time_step]
+
+    def average_input(self, x):
+        """x̄: x itself for static input, the rate-weighted time average of spike input."""
+        if not self.spike_input:
+            return x
+        w = rate_weights(self.time_step, self.leak, x.dtype, x.device)
+        # A new tensor: the paper's release averaged in place, corrupting the input.
+        return torch.tensordot(x[..., :self.time_step], w, dims=([-1], [0]))
+
+    def input_stats(self, x):
+        """BN statistics of the input layer for the simulation (None: no BN or evaluation).
+
+        In training they are the batch statistics of the linear output on x̄,
+        exactly those f uses, so that the time-averaged simulated input current
+        equals F(x̄) in f; the running statistics are not touched here.
+        """
+        if self.input_layer.bn is None or not self.training:
+            return None
+        return batch_stats(self.input_layer.linear_part(self.average_input(x)))
+
+    def loop_stats(self):
+        """BN statistics for the layers inside the loop during simulation.
+
+        In training the simulation normalises them with running statistics;
+        the batch-statistics version appears only in f (the paper's rule).
+        """
+        if not self.training:
+            return [None] * len(self.layers)
+        return [layer.running_stats() if layer.bn is not None else None for layer in self.layers]
+
+    @torch.no_grad()
+    def simulate(self, x, all_rates=False):
+        """Run T steps of IF/LIF dynamics; return (state rate, per-layer firing rates or None).
+
+        The state rate is the weighted rate of the last layer (see module docstring).
+        Per-layer firing rates, on request, are plain spike counts / T for every
+        spiking layer in the order the input flows through them.
+        """
+        frames = self.input_frames(x)
+        in_stats, loop_stats = self.input_stats(x), self.loop_stats()
+        n_layers = len(self.layers) + 1
+        u, s = [None] * n_layers, [None] * n_layers
+        counts = [0.0] * n_layers
+        state = 0.0
+        constant_current = None if self.spike_input else self.input_layer(x, stats=in_stats)
+        with parametrize.cached():
+            for t, frame in enumerate(frames):
+                current = constant_current if constant_current is not None else self.input_layer(frame, stats=in_stats)
+                if t > 0:
+                    current = current + self.feedback(s[-1])
+                for l in range(n_layers):
+                    if l > 0:
+                        current = self.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
+                    u[l] = current if t == 0 else self.leak * (u[l] - self.vth * s[l]) + current
+                    s[l] = (u[l] >= self.vth).to(u[l].dtype)
+                    if all_rates:
+                        counts[l] = counts[l] + s[l]
+                state = state * self.leak + s[-1]
+        norm = sum(self.leak ** k for k in range(self.time_step))
+        rates = [c / self.time_step for c in counts] if all_rates else None
+        return state / norm, rates
+
+    # --------------------------------------------------------------- equilibrium
+    def f(self, a, current, update_stats=False):
+        """The equilibrium function f(a) given the input current F(x̄)."""
+        h = torch.clamp((self.feedback(a) + current) / self.vth, 0, 1)
+        for layer in self.layers:
+            h = torch.clamp(layer(h, update_stats=update_stats) / self.vth, 0, 1)
+        return h
+
+    def equilibrium_function(self, x, update_stats=False):
+        """f as a function of the state alone, for input x (for analysis and tests)."""
+        current = self.input_layer(self.average_input(x), update_stats=update_stats)
+        return lambda a: self.f(a, current)
+
+    # ------------------------------------------------------------------ training
+    def begin_forward(self):
+        """Per-forward training state: one power-iteration step, fresh dropout masks."""
+        self.feedback.power_iteration()
+        for module in self.modules():
+            if isinstance(module, VariationalDropout):
+                module.reset()
+
+    def forward(self, x):
+        """The state rate; in training its gradient is the implicit one."""
+        if self.training:
+            self.begin_forward()
+        rate, _ = self.simulate(x)
+        if not (self.training and torch.is_grad_enabled()):
+            return rate
+        # The only place where BN running statistics move: once per training step.
+        current = self.input_layer(self.average_input(x), update_stats=True)
+        state = rate.detach().requires_grad_()
+        z = self.f(state, current, update_stats=True)
+        if self.jacobian_at_f:
+            point = z.detach().requires_grad_()
+            f_point = self.f(point, current.detach())
+        else:
+            point, f_point = state, z
+        return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.solver == "iter",
+                                      self._record)
+
+    def _solve(self, func, y0):
+        return self._solve_fn(func, y0, max_iter=self.threshold, tol=self.tol)
+
+    def _record(self, info):
+        self.solver_stats = info
+
+    def all_rates(self, x):
+        """Firing rate of every spiking layer, each flattened to (B, n_l)."""
+        _, rates = self.simulate(x, all_rates=True)
+        return [r.flatten(1) for r in rates]
