@@ -1,0 +1,114 @@
+"""Tab-separated training log, one line per epoch, and a plot of its curves."""
+import os
+
+from matplotlib.figure import Figure
+
+from utils.io import append_line, atomic_write
+
+DEFAULT_NAMES = ('Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.')
+
+
+def _read_text(path):
+    """The file's text, or '' when it does not exist."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
+def _parse_row(line, width):
+    """The numbers of one log line, or None for a line cut short by a crash."""
+    fields = line.rstrip('\t').split('\t')
+    if len(fields) != width:
+        return None
+    try:
+        return [float(field) for field in fields]
+    except ValueError:
+        return None
+
+
+class Logger:
+    """Tab-separated log with a header line; resume=True reads it back and appends, never truncates."""
+
+    def __init__(self, fpath, title=None, resume=False):
+        """Open the log at fpath; an existing non-empty log needs resume=True."""
+        self.fpath = os.fspath(fpath)
+        self.title = title or ''
+        self.names = list(DEFAULT_NAMES)
+        self.numbers = {name: [] for name in self.names}
+        self._header_written = False
+        self._pending_newline = False
+        text = _read_text(self.fpath)
+        if text.strip():
+            if not resume:
+                raise FileExistsError(f'{self.fpath} already holds a log: resume the run '
+                                      f'or use another checkpoint folder')
+            self._read_back(text)
+
+    def _read_back(self, text):
+        """Take names and numbers from an existing log's text."""
+        lines = [line for line in text.splitlines() if line.strip()]
+        self.names = lines[0].rstrip('\t').split('\t')
+        self.numbers = {name: [] for name in self.names}
+        for line in lines[1:]:
+            row = _parse_row(line, len(self.names))
+            if row is not None:
+                for name, value in zip(self.names, row):
+                    self.numbers[name].append(value)
+        self._header_written = True
+        # A crash mid-write leaves a line without its newline; the next line must not join it.
+        self._pending_newline = not text.endswith('\n')
+
+    def _write(self, line):
+        """Append one line durably."""
+        if self._pending_newline:
+            line = '\n' + line
+            self._pending_newline = False
+        append_line(self.fpath, line)
+
+    def set_names(self, names):
+        """Name the columns and write the header; a resumed log must keep its columns."""
+        names = list(names)
+        if self._header_written:
+            if names != self.names:
+                raise ValueError(f'{self.fpath} has the columns {self.names}, '
+                                 f'this run writes {names}: use another checkpoint folder')
+            return
+        self.names = names
+        self.numbers = {name: [] for name in names}
+        self._write('\t'.join(names))
+        self._header_written = True
+
+    def append(self, values):
+        """Write one line of numbers (6 decimals), one per column, and fsync it."""
+        values = [float(v) for v in values]
+        if len(values) != len(self.names):
+            raise ValueError(f'{len(values)} values for the {len(self.names)} columns {self.names}')
+        if not self._header_written:
+            self.set_names(self.names)
+        self._write('\t'.join(f'{v:.6f}' for v in values))
+        for name, value in zip(self.names, values):
+            self.numbers[name].append(value)
+
+    def plot(self, path_png):
+        """Save loss and accuracy curves against epoch as a PNG, atomically."""
+        # A bare Figure renders with Agg and never touches pyplot's global state or a display.
+        fig = Figure(figsize=(10, 4))
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        for name, values in self.numbers.items():
+            epochs = range(1, len(values) + 1)
+            if 'loss' in name.lower():
+                ax_loss.plot(epochs, values, label=name)
+            elif 'acc' in name.lower():
+                ax_acc.plot(epochs, values, label=name)
+        for ax, ylabel in ((ax_loss, 'loss'), (ax_acc, 'accuracy (%)')):
+            ax.set_xlabel('epoch')
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend()
+        if self.title:
+            fig.suptitle(self.title)
+        fig.tight_layout()
+        atomic_write(path_png, lambda f: fig.savefig(f, format='png'))
