@@ -140,6 +140,8 @@ class FeedbackSNN(nn.Module):
                 for l in range(n_layers):
                     if l > 0:
                         current = self.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
+                    # Under autocast the currents may be bf16; potentials and rates stay in x's dtype.
+                    current = current.to(x.dtype)
                     u[l] = current if t == 0 else self.leak * (u[l] - self.vth * s[l]) + current
                     s[l] = (u[l] >= self.vth).to(u[l].dtype)
                     if all_rates:
