@@ -25,6 +25,23 @@ def unit_fanin_init_(linear):
         linear.bias.zero_()
 
 
+def top_singular(matrix):
+    """(u, σ, v): the largest singular value of a matrix and its singular vectors.
+
+    From the eigendecomposition of the smaller Gram matrix, in float64: a full
+    SVD of a wide feedback matrix costs far more and is not needed.
+    """
+    m = matrix.double()
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.t() if wide else m.t() @ m
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    sigma = eigvals[-1].clamp_min(0).sqrt()
+    first = eigvecs[:, -1]
+    second = (m.t() @ first if wide else m @ first) / sigma.clamp_min(1e-30)
+    u, v = (first, second) if wide else (second, first)
+    return u.to(matrix.dtype), sigma.to(matrix.dtype), v.to(matrix.dtype)
+
+
 class SpectralScale(nn.Module):
     """Parametrization W = clamp(g, -r, r) · V / σ(V), σ the spectral norm of V as (dim 0, rest).
 
@@ -35,16 +52,17 @@ class SpectralScale(nn.Module):
 
     def __init__(self, weight, bound=1.0):
         super().__init__()
-        matrix = weight.detach().flatten(1)
-        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, sigma, v = top_singular(weight.detach().flatten(1))
         self.bound = bound
-        self.g = nn.Parameter(S[0].clone())
-        self.register_buffer("u", U[:, 0].clone())
-        self.register_buffer("v", Vh[0].clone())
+        self.g = nn.Parameter(sigma)
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
 
     def forward(self, V):
         """Effective weight from the raw weight V."""
-        sigma = torch.dot(self.u, V.flatten(1) @ self.v)
+        # The scale is computed in V's dtype: under autocast matmul would round σ to bf16.
+        with torch.autocast(V.device.type, enabled=False):
+            sigma = torch.dot(self.u, V.flatten(1) @ self.v)
         return self.g.clamp(-self.bound, self.bound) * V / sigma
 
     @torch.no_grad()
@@ -78,8 +96,9 @@ class VariationalDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return h
         if self.mask is None or self.mask.shape != h.shape:
+            # Draws in float32 (the same masks for a seed in any dtype), scale exact in h's dtype.
             keep = torch.full_like(h, 1.0 - self.p, dtype=torch.float32)
-            self.mask = torch.bernoulli(keep).div_(1.0 - self.p).to(h.dtype)
+            self.mask = torch.bernoulli(keep).to(h.dtype).div_(1.0 - self.p)
         return h * self.mask
 
 

@@ -146,10 +146,12 @@ class SNNClassifier(nn.Module):
 
 
 def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout=0.0,
-                solver="broyden", threshold=30, tol=None):
+                solver=None, threshold=30, tol=None):
     """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
 
     `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
+    `solver` None takes the paper's choice for the net: 'iter' for nmnist_conv,
+    'broyden' for the others.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")

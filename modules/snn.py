@@ -105,7 +105,9 @@ class FeedbackSNN(nn.Module):
         """
         if self.input_layer.bn is None or not self.training:
             return None
-        return batch_stats(self.input_layer.linear_part(self.average_input(x)))
+        h = self.input_layer.linear_part(self.average_input(x))
+        # Under autocast h is bf16, but CPU batch norm wants statistics in its parameters' dtype.
+        return batch_stats(h.to(self.input_layer.bn.weight.dtype))
 
     def loop_stats(self):
         """BN statistics for the layers inside the loop during simulation.
@@ -128,9 +130,8 @@ class FeedbackSNN(nn.Module):
         frames = self.input_frames(x)
         in_stats, loop_stats = self.input_stats(x), self.loop_stats()
         n_layers = len(self.layers) + 1
-        u, s = [None] * n_layers, [None] * n_layers
-        counts = [0.0] * n_layers
-        state = 0.0
+        u, s, counts = [None] * n_layers, [None] * n_layers, [None] * n_layers
+        state = None
         constant_current = None if self.spike_input else self.input_layer(x, stats=in_stats)
         with parametrize.cached():
             for t, frame in enumerate(frames):
@@ -140,16 +141,29 @@ class FeedbackSNN(nn.Module):
                 for l in range(n_layers):
                     if l > 0:
                         current = self.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
-                    # Under autocast the currents may be bf16; potentials and rates stay in x's dtype.
-                    current = current.to(x.dtype)
-                    u[l] = current if t == 0 else self.leak * (u[l] - self.vth * s[l]) + current
-                    s[l] = (u[l] >= self.vth).to(u[l].dtype)
+                    if u[l] is None:
+                        # u[-1] = s[-1] = 0. Under autocast the currents may be bf16; potentials
+                        # and spikes stay in x's dtype (the in-place updates promote the currents).
+                        u[l], s[l] = torch.zeros_like(current, dtype=x.dtype), torch.zeros_like(current, dtype=x.dtype)
+                        if all_rates:
+                            counts[l] = torch.zeros_like(s[l])
+                    self._integrate_(u[l], s[l], current)
+                    torch.ge(u[l], self.vth, out=s[l])
                     if all_rates:
-                        counts[l] = counts[l] + s[l]
-                state = state * self.leak + s[-1]
+                        counts[l].add_(s[l])
+                state = s[-1].clone() if state is None else self._leak_(state).add_(s[-1])
         norm = sum(self.leak ** k for k in range(self.time_step))
-        rates = [c / self.time_step for c in counts] if all_rates else None
-        return state / norm, rates
+        rates = [c.div_(self.time_step) for c in counts] if all_rates else None
+        return state.div_(norm), rates
+
+    def _leak_(self, h):
+        """h ← λ·h in place (nothing to do for IF)."""
+        return h.mul_(self.leak) if self.leak != 1.0 else h
+
+    def _integrate_(self, u, s, current):
+        """One step of the membrane potential in place: u ← λ (u - Vth s) + I."""
+        # Buffers updated in place: allocating fresh ones every step costs more than the arithmetic on a CPU.
+        return self._leak_(u.sub_(s, alpha=self.vth)).add_(current)
 
     # --------------------------------------------------------------- equilibrium
     def f(self, a, current, update_stats=False):

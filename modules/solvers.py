@@ -22,6 +22,19 @@ def _norms(r):
     return torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
 
 
+def _finite_or_inf(value):
+    """value, or +inf where it is NaN or infinite."""
+    return value if math.isfinite(value) else math.inf
+
+
+def _low_rank_update(base, x, left, right, beta=1.0, alpha=1.0):
+    """beta·base + alpha·Σ_k (left_k · x) right_k, with left, right (B, k, n) stacks of rows; base, x (B, n)."""
+    # (B, 1, n) @ (B, n, k), then (B, 1, k) @ (B, k, n) fused with the sum: the batched-matrix
+    # layout that CPU BLAS runs at memory speed (the (B, k, n) @ (B, n, 1) form is ~20x slower).
+    coeff = torch.bmm(x[:, None], left.transpose(1, 2))
+    return torch.baddbmm(base[:, None], coeff, right, beta=beta, alpha=alpha).squeeze(1)
+
+
 def _stop_level(init_residual, numel, tol):
     """Whole-batch residual under which a solver stops."""
     if tol is None:
@@ -46,14 +59,10 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     """
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
-    U = y0.new_zeros(B, n, memory)   # columns u_k
-    VT = y0.new_zeros(B, memory, n)  # rows v_kᵀ
-
-    def apply_H(x):    # H x = -x + U (Vᵀ x),  x: (B, n)
-        return -x + torch.einsum("bnm,bm->bn", U, torch.einsum("bmn,bn->bm", VT, x))
-
-    def apply_HT(x):   # xᵀ H = -xᵀ + (xᵀ U) Vᵀ
-        return -x + torch.einsum("bm,bmn->bn", torch.einsum("bn,bnm->bm", x, U), VT)
+    U = y0.new_empty(B, memory, n)   # rows u_kᵀ
+    VT = y0.new_empty(B, memory, n)  # rows v_kᵀ
+    filled = 0                       # terms stored so far; only these are ever read
+    # With H = -I + U Vᵀ: -H x = x - U (Vᵀ x) and xᵀ H = -xᵀ + (xᵀ U) Vᵀ.
 
     y = y0
     gy = func(y) - y
@@ -64,8 +73,8 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     trace = [residual]
     nstep = 0
     while nstep < max_iter and not residual < stop:
-        step = -apply_H(gy)
-        y_new = y + step
+        Us, VTs = U[:, :filled], VT[:, :filled]
+        y_new = y + _low_rank_update(gy, gy, VTs, Us, alpha=-1.0)  # y - H g
         g_new = func(y_new) - y_new
         dy, dg = y_new - y, g_new - gy
         y, gy = y_new, g_new
@@ -75,18 +84,20 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
         better = sample_res < best_res
         best_y = torch.where(better[:, None], y, best_y)
         best_res = torch.where(better, sample_res, best_res)
-        residual = float(best_res.norm()) if torch.isfinite(best_res).all() else math.inf
+        bad = torch.isinf(sample_res)  # a non-finite residual (see _norms)
+        # One host synchronisation per iteration; the norm of best_res is +inf as soon as one sample's is.
+        residual, any_bad = torch.stack([best_res.norm(), bad.any().to(best_res.dtype)]).tolist()
         trace.append(residual)
 
-        vT = apply_HT(dy)                                  # Δyᵀ H
-        denom = torch.einsum("bn,bn->b", vT, dg)[:, None]  # Δyᵀ H Δg
-        u = (dy - apply_H(dg)) / denom
+        vT = _low_rank_update(dy, dy, Us, VTs, beta=-1.0)       # Δyᵀ H
+        denom = torch.linalg.vecdot(vT, dg)[:, None]            # Δyᵀ H Δg
+        u = _low_rank_update(dy + dg, dg, VTs, Us, alpha=-1.0)  # Δy - H Δg
         slot = (nstep - 1) % memory
-        U[:, :, slot] = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
-        VT[:, slot] = torch.nan_to_num(vT, nan=0.0, posinf=0.0, neginf=0.0)
+        torch.div(u, denom, out=U[:, slot]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        torch.nan_to_num(vT, nan=0.0, posinf=0.0, neginf=0.0, out=VT[:, slot])
+        filled = min(filled + 1, memory)
         # A diverged sample restarts from its best iterate.
-        bad = ~torch.isfinite(gy).all(dim=1)
-        if bad.any():
+        if any_bad:
             y = torch.where(bad[:, None], best_y, y)
             gy = torch.where(bad[:, None], torch.zeros_like(gy), gy)
     return best_y, _info(nstep, trace)
@@ -109,7 +120,7 @@ def fixed_point_iter(func, y0, max_iter=30, tol=None):
         y = y + 0.5 * r
         nstep += 1
         r = func(y) - y
-        residual = float(r.norm()) if torch.isfinite(r).all() else math.inf
+        residual = _finite_or_inf(float(r.norm()))
         trace.append(residual)
     return y, _info(nstep, trace)
 

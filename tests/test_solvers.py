@@ -1,0 +1,220 @@
+"""Broyden's method and the damped fixed-point iteration against NumPy/SciPy solutions."""
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from modules.solvers import SOLVERS, broyden, fixed_point_iter, get_solver
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SOLVER_FUNCS = {"broyden": broyden, "iter": fixed_point_iter}
+
+
+def random_contraction(batch, n, radius, seed):
+    """(B, n, n) matrices J with spectral radius exactly `radius` (< 1), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
+    rho = torch.linalg.eigvals(J).abs().amax(dim=1)
+    return J * (radius / rho)[:, None, None]
+
+
+def linear_problem(batch=4, n=12, radius=0.8, seed=0):
+    """func(y) = v + y·J per sample, and its solution v (I - J)^-1 computed by numpy.linalg.solve."""
+    J = random_contraction(batch, n, radius, seed)
+    v = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    eye = np.eye(n)
+    exact = np.stack([np.linalg.solve((eye - J[b].numpy()).T, v[b].numpy()) for b in range(batch)])
+
+    def func(y):
+        return v + torch.einsum("bn,bnm->bm", y, J)
+    return func, v, torch.from_numpy(exact)
+
+
+def rel_err(a, b):
+    """Relative error ‖a - b‖ / ‖b‖ over the whole batch."""
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_linear_adjoint_problem_matches_numpy(solver):
+    """Both solvers solve batched y = v + y·J (spectral radius 0.8) to 1e-8 of numpy.linalg.solve."""
+    func, v, exact = linear_problem()
+    y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=300, tol=None)
+    err = rel_err(y, exact)
+    print(f"{solver}: relative error {err:.1e} after {info['nstep']} iterations")
+    assert err <= 1e-8
+    assert info["residual"] <= 1e-8 * info["init_residual"]
+
+
+def test_broyden_is_fast_on_linear_problems():
+    """Broyden converges on a non-normal linear problem in far fewer steps than the damped
+    iteration, whose error after 30 steps is still far from 1e-8 at spectral radius 0.95."""
+    func, v, exact = linear_problem(n=8, radius=0.95, seed=3)
+    y_b, info_b = broyden(func, torch.zeros_like(v), max_iter=30)
+    y_i, _ = fixed_point_iter(func, torch.zeros_like(v), max_iter=30)
+    print(f"30 steps: broyden {rel_err(y_b, exact):.1e}, iter {rel_err(y_i, exact):.1e}")
+    assert rel_err(y_b, exact) <= 1e-8
+    assert rel_err(y_i, exact) > 1e-4
+
+
+def test_damped_iteration_fixed_point_is_the_true_solution():
+    """The damped update y ← y + ½(func(y) - y) converges to v(I - J)^-1, not to v(2I - J)^-1
+    (the release's damping of the residual)."""
+    func, v, exact = linear_problem(batch=2, n=6, radius=0.5, seed=5)
+    y, _ = fixed_point_iter(func, v.clone(), max_iter=200)
+    J = random_contraction(2, 6, 0.5, 5)
+    wrong = torch.stack([torch.linalg.solve((2 * torch.eye(6, dtype=J.dtype) - J[b]).T, v[b]) for b in range(2)])
+    assert rel_err(y, exact) <= 1e-8
+    assert rel_err(y, wrong) > 0.1
+
+
+def nonlinear_problem(batch=3, n=6, seed=7):
+    """func(y) = v + tanh(y·A)/2 per sample (a contraction for ‖A‖ ≤ 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
+    A = A / torch.linalg.matrix_norm(A, 2)[:, None, None]
+    v = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+
+    def func(y):
+        return v + torch.tanh(torch.einsum("bn,bnm->bm", y, A)) / 2
+    return func, v, A
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_nonlinear_problem_matches_scipy_root(solver):
+    """y = v + tanh(y·A)/2: each sample's solution agrees with scipy.optimize.root to 1e-8."""
+    func, v, A = nonlinear_problem()
+    exact = []
+    for b in range(v.shape[0]):
+        vb, Ab = v[b].numpy(), A[b].numpy()
+        sol = scipy.optimize.root(lambda y: vb + np.tanh(y @ Ab) / 2 - y, np.zeros_like(vb), tol=1e-14)
+        assert sol.success
+        exact.append(sol.x)
+    exact = torch.from_numpy(np.stack(exact))
+    y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=200)
+    print(f"{solver}: relative error {rel_err(y, exact):.1e} after {info['nstep']} iterations")
+    assert rel_err(y, exact) <= 1e-8
+
+
+def test_broyden_returns_lowest_residual_iterate_and_survives_nan():
+    """After a few good steps func turns to NaN: Broyden keeps going without crashing and returns
+    the best finite iterate, whose residual is the lowest one it saw (and is reported)."""
+    func, v, exact = linear_problem(batch=3, n=10, radius=0.9, seed=11)
+    calls = {"n": 0}
+    seen = []  # (iterate, per-sample residual) of every evaluation
+
+    def poisoned(y):
+        calls["n"] += 1
+        out = func(y)
+        seen.append((y.clone(), (out - y).norm(dim=1)))
+        return torch.full_like(out, math.nan) if calls["n"] > 4 else out
+
+    y, info = broyden(poisoned, torch.zeros_like(v), max_iter=12)
+    assert torch.isfinite(y).all()
+    assert info["nstep"] == 12
+    residuals = torch.stack([r for _, r in seen[:4]])          # the finite evaluations
+    best = residuals.nan_to_num(math.inf).argmin(dim=0)
+    for b in range(v.shape[0]):
+        assert torch.equal(y[b], seen[best[b]][0][b])
+    true_residual = (func(y) - y).norm(dim=1)
+    assert torch.allclose(true_residual, residuals.min(dim=0).values)
+    assert math.isfinite(info["residual"])
+    assert info["residual"] == pytest.approx(float(true_residual.norm()), rel=1e-12)
+
+
+def test_broyden_recovers_from_a_transient_nan_in_one_sample():
+    """One sample's map value is NaN at a single call: no NaN reaches the stored Broyden terms,
+    so that sample restarts from its best iterate and still converges, like the others."""
+    func, v, exact = linear_problem(batch=3, n=10, radius=0.8, seed=23)
+    calls = {"n": 0}
+
+    def glitch(y):
+        calls["n"] += 1
+        out = func(y)
+        if calls["n"] == 4:
+            out = out.clone()
+            out[1] = math.nan
+        return out
+
+    y, info = broyden(glitch, torch.zeros_like(v), max_iter=100)
+    assert torch.isfinite(y).all()
+    for b in range(3):
+        assert rel_err(y[b], exact[b]) <= 1e-8, b
+
+
+def test_broyden_returns_the_best_iterate_when_the_residual_rises():
+    """On a map whose residual grows after a few calls, the returned iterate is the one with
+    the lowest residual seen (per sample), not the last, and info reports that residual."""
+    func, v, _ = nonlinear_problem(batch=2, n=4, seed=2)
+    seen = []  # (iterate, per-sample residual) of every evaluation
+
+    def rising(y):  # the good map for three calls, then ever larger residuals
+        out = func(y) if len(seen) < 3 else func(y) + 10.0 * len(seen)
+        seen.append((y.clone(), (out - y).norm(dim=1)))
+        return out
+
+    y, info = broyden(rising, torch.zeros_like(v), max_iter=8)
+    residuals = torch.stack([r for _, r in seen])
+    best = residuals.argmin(dim=0)
+    assert (best < 3).all() and (residuals[-1] > residuals.min(dim=0).values).all()
+    for b in range(v.shape[0]):
+        assert torch.equal(y[b], seen[best[b]][0][b])
+        assert not torch.equal(y[b], seen[-1][0][b])
+    assert info["residual"] == pytest.approx(float(residuals.min(dim=0).values.norm()), rel=1e-12)
+    assert info["trace"][-1] == info["residual"]
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_tolerance_stops_early(solver):
+    """A relative `tol` stops as soon as the residual falls below tol × initial residual."""
+    func, v, _ = linear_problem(radius=0.5, seed=13)
+    y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=500, tol=1e-6)
+    assert info["nstep"] < 500
+    assert info["residual"] < 1e-6 * info["init_residual"]
+    assert info["trace"][-2] >= 1e-6 * info["init_residual"]  # and not a step later
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_no_tolerance_runs_every_iteration(solver):
+    """tol=None runs max_iter iterations on a problem that does not converge to ~0 in time."""
+    func, v, _ = linear_problem(radius=0.95, seed=17)
+    _, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=7, tol=None)
+    assert info["nstep"] == 7
+    assert len(info["trace"]) == 8
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_no_tolerance_stops_when_converged_to_zero(solver):
+    """tol=None still stops once the residual is ~0: a constant map is solved exactly
+    (Broyden in one step, the damped iteration when the residual underflows)."""
+    v = torch.randn(3, 5, dtype=torch.float64)
+    y, info = SOLVER_FUNCS[solver](lambda y: v.clone(), torch.zeros_like(v), max_iter=200, tol=None)
+    assert torch.allclose(y, v, atol=1e-9)
+    assert info["nstep"] < 200
+    if solver == "broyden":
+        assert info["nstep"] == 1 and info["residual"] == 0.0
+
+
+@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def test_info_fields(solver):
+    """info holds nstep, residual, init_residual and a trace of one residual per iteration
+    plus the initial one; residual is ‖func(y) - y‖ of the returned iterate."""
+    func, v, _ = linear_problem(seed=19)
+    y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=10)
+    assert {"nstep", "residual", "init_residual", "trace"} <= set(info)
+    assert info["nstep"] == 10 and len(info["trace"]) == 11
+    assert info["init_residual"] == pytest.approx(float(v.norm()))
+    assert info["trace"][0] == info["init_residual"] and info["trace"][-1] == info["residual"]
+    assert info["residual"] == pytest.approx(float((func(y) - y).norm()), rel=1e-10)
+    assert all(isinstance(r, float) for r in info["trace"])
+
+
+def test_get_solver():
+    """get_solver names the registered solvers and rejects unknown names with ValueError."""
+    assert get_solver("broyden") is broyden and get_solver("iter") is fixed_point_iter
+    assert set(SOLVERS) == {"broyden", "iter"}
+    with pytest.raises(ValueError, match="nope"):
+        get_solver("nope")
