@@ -296,7 +296,7 @@ def _short(exc):
 
 def build_loaders(train_set, test_set, train_batch, test_batch, workers, distributed=False, seed=0):
     """Return (train_loader, test_loader, train_sampler); train_sampler is None unless distributed."""
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
     if distributed:
         train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed)
         test_sampler = DistributedSampler(test_set, shuffle=False, drop_last=False)
@@ -310,6 +310,8 @@ def build_loaders(train_set, test_set, train_batch, test_batch, workers, distrib
         train_args = dict(shuffle=True, generator=generator)
     # A last training batch of one sample would make BatchNorm1d fail (one value per channel).
     drop_last = per_replica > train_batch and per_replica % train_batch == 1
+    # Workers are not persistent: fresh ones each epoch draw their seeds from the loader's generator (or
+    # torch's RNG) at every pass, so that a resumed run sees the same augmentation and random numbers.
     train_loader = DataLoader(train_set, batch_size=train_batch, drop_last=drop_last, **train_args, **common)
     test_loader = DataLoader(test_set, batch_size=test_batch, shuffle=False, sampler=test_sampler, **common)
     return train_loader, test_loader, train_sampler

@@ -1,0 +1,188 @@
+"""The command-line flags every training script shares, their validation, and GPU selection."""
+import argparse
+import math
+import os
+import re
+import sys
+
+import torch
+
+from modules import SOLVERS, is_leaky
+
+OPTIMIZERS = ('SGD', 'Adam')
+
+# The paper's settings shared by every script; each script overrides some (DESIGN.md §5).
+COMMON_DEFAULTS = dict(
+    path='./data', workers=4, time_step=30, vth=2.0, leaky=None, epochs=100, start_epoch=0,
+    train_batch=128, test_batch=200, lr=0.05, warmup=0, drop=0.2, schedule=[30, 60, 90],
+    gamma=0.1, momentum=0.9, weight_decay=5e-4, optimizer='SGD', resume='',
+    manualSeed=None, evaluate=False, gpu_id=None, solver='broyden', threshold=30, tol=None,
+    sync_bn=False, amp=False,
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line `<prog>: error: --flag: <what is accepted>`, exit code 2."""
+
+    def error(self, message):
+        """Print the message on one line (no usage dump) and exit with code 2."""
+        # argparse writes 'argument -t/--time_step: ...'; name the first long flag alone.
+        match = re.match(r'argument ([^:]+): (.*)', message, re.S)
+        if match:
+            names = match.group(1).split('/')
+            flag = next((n for n in names if n.startswith('--')), names[0])
+            message = f'{flag}: {match.group(2)}'
+        unknown = re.match(r'unrecognized arguments: (.*)', message, re.S)
+        if unknown:
+            message = f'{unknown.group(1)}: not a flag of this script (see --help)'
+        self.exit(2, f'{self.prog}: error: {" ".join(message.split())}\n')
+
+
+def _number(kind, accepted, test):
+    """An argparse type: kind(text) that must pass test, else an error naming what is accepted."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {accepted}, got {text!r}') from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'expected {accepted}, got {text!r}')
+        return value
+    return convert
+
+
+def _finite(test):
+    """test, and the value is finite."""
+    return lambda v: math.isfinite(v) and test(v)
+
+
+POSITIVE_INT = _number(int, 'an integer >= 1', lambda v: v >= 1)
+NON_NEGATIVE_INT = _number(int, 'an integer >= 0', lambda v: v >= 0)
+# Below 2**31 so that seed + rank (one stream per process) stays a valid numpy seed.
+SEED = _number(int, 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)
+POSITIVE = _number(float, 'a number > 0', _finite(lambda v: v > 0))
+NON_NEGATIVE = _number(float, 'a number >= 0', _finite(lambda v: v >= 0))
+PROBABILITY = _number(float, 'a number in [0, 1)', _finite(lambda v: 0 <= v < 1))
+ANY_FLOAT = _number(float, 'a number', math.isfinite)
+
+
+def build_parser(prog, description, defaults, datasets, suppress=False):
+    """The shared parser with a script's defaults; suppress=True leaves out every default (to see what was typed)."""
+    script = os.path.splitext(os.path.basename(prog))[0]
+    d = {'dataset': datasets[0], **COMMON_DEFAULTS, 'checkpoint': os.path.join('checkpoints', script), **defaults}
+
+    def default(key):
+        """The default of key, or nothing at all."""
+        return argparse.SUPPRESS if suppress else d[key]
+
+    p = OneLineParser(prog=prog, description=description,
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    group = p.add_argument_group('data')
+    group.add_argument('-d', '--dataset', default=default('dataset'), choices=datasets)
+    group.add_argument('--path', default=default('path'), help='data folder')
+    group.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=default('workers'),
+                       help='data loading processes (0: load in the main process)')
+    group = p.add_argument_group('network')
+    group.add_argument('-t', '--time_step', type=POSITIVE_INT, default=default('time_step'),
+                       help='simulation time steps T')
+    group.add_argument('--vth', type=POSITIVE, default=default('vth'), help='firing threshold')
+    group.add_argument('--leaky', type=ANY_FLOAT, default=default('leaky'),
+                       help='LIF leak in (0, 1); any other value (or none) means IF neurons')
+    group.add_argument('--drop', type=PROBABILITY, default=default('drop'), help='variational dropout rate')
+    group.add_argument('--solver', default=default('solver'), choices=sorted(SOLVERS),
+                       help='adjoint solver of the implicit backward pass')
+    group.add_argument('--threshold', type=POSITIVE_INT, default=default('threshold'),
+                       help='maximum solver iterations')
+    group.add_argument('--tol', type=POSITIVE, default=default('tol'),
+                       help='stop the solver at this relative residual (default: the paper\'s rule, '
+                            'run all iterations)')
+    group = p.add_argument_group('optimisation')
+    group.add_argument('--epochs', type=POSITIVE_INT, default=default('epochs'))
+    group.add_argument('--start-epoch', type=NON_NEGATIVE_INT, default=default('start_epoch'),
+                       help='epoch to start a new run at (a resumed run continues from its checkpoint)')
+    group.add_argument('--train-batch', type=POSITIVE_INT, default=default('train_batch'),
+                       help='training batch per process (global batch = processes x this)')
+    group.add_argument('--test-batch', type=POSITIVE_INT, default=default('test_batch'))
+    group.add_argument('--optimizer', default=default('optimizer'), choices=OPTIMIZERS)
+    group.add_argument('--lr', type=POSITIVE, default=default('lr'), help='initial learning rate')
+    group.add_argument('--warmup', type=NON_NEGATIVE_INT, default=default('warmup'),
+                       help='iterations of linear learning-rate warm-up')
+    group.add_argument('--schedule', type=POSITIVE_INT, nargs='+', default=default('schedule'),
+                       help='epochs at which the learning rate is multiplied by --gamma')
+    group.add_argument('--gamma', type=POSITIVE, default=default('gamma'))
+    group.add_argument('--momentum', type=NON_NEGATIVE, default=default('momentum'), help='SGD momentum')
+    group.add_argument('--weight-decay', '--wd', type=NON_NEGATIVE, default=default('weight_decay'))
+    group.add_argument('--amp', action='store_true', default=default('amp'),
+                       help='bfloat16 autocast around the forward pass')
+    group = p.add_argument_group('run')
+    group.add_argument('-c', '--checkpoint', default=default('checkpoint'),
+                       help='folder for checkpoints and logs (resuming: the resumed file\'s folder)')
+    group.add_argument('--resume', default=default('resume'), metavar='FILE',
+                       help='checkpoint to continue training from (or to evaluate with -e)')
+    group.add_argument('-e', '--evaluate', action='store_true', default=default('evaluate'),
+                       help='only evaluate the --resume checkpoint on the test set; writes nothing')
+    group.add_argument('--manualSeed', type=SEED, default=default('manualSeed'),
+                       help='random seed (default: a random one, printed)')
+    group.add_argument('--gpu-id', default=default('gpu_id'),
+                       help='comma-separated GPU indices to use (default: all visible)')
+    group.add_argument('--sync-bn', action='store_true', default=default('sync_bn'),
+                       help='synchronise BatchNorm statistics across processes (torchrun)')
+    return p
+
+
+def check_args(parser, args):
+    """Cross-flag checks argparse cannot express; parser.error on the first failure."""
+    schedule = args.schedule
+    if any(b <= a for a, b in zip(schedule, schedule[1:])):
+        parser.error(f'--schedule: expected strictly increasing epochs, got {" ".join(map(str, schedule))}')
+    if args.evaluate and not args.resume:
+        parser.error('--evaluate: needs --resume FILE, the checkpoint to evaluate')
+    if not args.resume and args.start_epoch >= args.epochs:
+        parser.error(f'--start-epoch: expected an epoch below --epochs ({args.epochs}), got {args.start_epoch}')
+
+
+def parse_gpu_ids(text):
+    """The distinct indices in 'a,b,...', or None if the text is not such a list."""
+    parts = [part.strip() for part in text.split(',')]
+    if not all(part.isdigit() for part in parts):
+        return None
+    ids = [int(part) for part in parts]
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def select_gpus(parser, gpu_id):
+    """Validate --gpu-id and restrict CUDA_VISIBLE_DEVICES to it; must run before CUDA is initialised."""
+    if gpu_id is None:
+        return
+    ids = parse_gpu_ids(gpu_id)
+    if ids is None:
+        parser.error(f'--gpu-id: expected distinct comma-separated GPU indices such as 0 or 0,1, got {gpu_id!r}')
+    # NVML counts the GPUs without initialising CUDA, so the mask set below still takes effect.
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        return
+    if any(i >= visible for i in ids):
+        parser.error(f'--gpu-id: expected indices in 0..{visible - 1} ({visible} GPUs visible), got {gpu_id}')
+    # Indices count among the GPUs already visible, so an outer CUDA_VISIBLE_DEVICES is respected.
+    outer = os.environ.get('CUDA_VISIBLE_DEVICES')
+    names = [part.strip() for part in outer.split(',')] if outer else [str(i) for i in range(visible)]
+    os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(names[i] for i in ids)
+
+
+def parse_args(argv, prog, description, defaults, datasets):
+    """Parse and validate argv; return (args, the set of flags given explicitly)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog, description, defaults, datasets)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    select_gpus(parser, args.gpu_id)
+    if args.sync_bn and not torch.cuda.is_available():
+        parser.error('--sync-bn: needs CUDA GPUs (SyncBatchNorm runs only there)')
+    explicit = set(vars(build_parser(prog, description, defaults, datasets, suppress=True).parse_args(argv)))
+    return args, explicit
+
+
+def neuron_line(leaky):
+    """'Neuron: LIF (leaky=λ)' or 'Neuron: IF' for a --leaky value."""
+    return f'Neuron: LIF (leaky={leaky:g})' if is_leaky(leaky) else 'Neuron: IF'

@@ -1,0 +1,106 @@
+"""Process-group helpers for torchrun: one process per GPU, DistributedDataParallel, reductions.
+
+A plain `python script.py` is a group of one: every helper then does nothing
+but return its input, so the training loop has a single code path.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank, number of processes, GPU index on its machine."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self):
+        """True when launched by torchrun with more than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        """Only rank 0 prints, logs and writes files."""
+        return self.rank == 0
+
+
+def init_from_env():
+    """Join the process group torchrun describes (WORLD_SIZE > 1), NCCL on CUDA, Gloo otherwise."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size <= 1:
+        return Context()
+    ctx = Context(int(os.environ['RANK']), world_size, int(os.environ.get('LOCAL_RANK', '0')))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group('nccl')
+    else:
+        dist.init_process_group('gloo')
+    return ctx
+
+
+def shutdown(ctx):
+    """Leave the process group, if this process joined one."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(ctx):
+    """This process's device: its own GPU under torchrun, the first visible GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', ctx.local_rank)
+    return torch.device('cpu')
+
+
+def wrap(model, ctx, device, sync_bn=False):
+    """DistributedDataParallel around model (BN made SyncBatchNorm first if asked); model itself when alone."""
+    if not ctx.enabled:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == 'cuda' else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model):
+    """The network inside a DistributedDataParallel wrapper (or model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sum_all(values, ctx, device):
+    """Element-wise sums of a list of numbers over all processes."""
+    if not ctx.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def any_all(flags, ctx, device):
+    """Element-wise 'any process raised this flag' for a list of booleans."""
+    if not ctx.enabled:
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def gather(obj, ctx):
+    """A list with every process's obj, by rank (picklable objects)."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(model, ctx):
+    """Copy rank 0's buffers (BN running statistics, power-iteration vectors) to every process."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+

@@ -1,0 +1,561 @@
+"""The training and evaluation loop every script shares: schedule, checkpoints, resumption, signals, faults.
+
+A script calls `run(arch, argv, script, defaults, datasets, description)`;
+the pieces (`get_lr`, `train_epoch`, `evaluate`) take every dependency as an
+argument and can be used on their own.
+"""
+import datetime
+import functools
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from progress.bar import Bar
+from torch import nn
+
+from modules import ARCHITECTURES, build_model
+from utils import cli, distributed
+from utils.data import DataError, build_loaders, get_datasets
+from utils.io import (BEST_NAME, CheckpointError, load_checkpoint, load_into_model, rng_state,
+                      save_checkpoint, set_rng_state)
+from utils.logger import Logger
+from utils.meters import AverageMeter, accuracy
+
+CHECKPOINT_NAME = 'checkpoint.pth.tar'
+LOG_NAME = 'log.txt'
+PLOT_NAME = 'log.png'
+LOG_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.', 'Skipped']
+MAX_BAD_STEPS = 5
+# Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
+LOCAL_FLAGS = ('checkpoint', 'resume', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch')
+
+
+class RunError(Exception):
+    """A run cannot go on; the message is one line meant for the user."""
+
+
+class TooManyFaults(RunError):
+    """MAX_BAD_STEPS optimizer steps in a row were skipped."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training at the end of a batch."""
+
+    def __init__(self, signum):
+        """Remember which signal it was."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """Context manager that turns SIGINT/SIGTERM into a request to stop at the end of the current batch."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        """No signal yet."""
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def requested(self):
+        """True once a signal has arrived."""
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        """Record the signal."""
+        self.signum = signum
+        # A second signal acts at once, as it would without this handler.
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        """Install the handlers."""
+        try:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:
+            pass  # not the main thread: signals keep their usual meaning
+        return self
+
+    def __exit__(self, *exc):
+        """Put the previous handlers back."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class FaultGuard:
+    """Counts skipped optimizer steps; MAX_BAD_STEPS in a row end the run."""
+
+    def __init__(self, limit=MAX_BAD_STEPS):
+        """Allow up to limit - 1 skipped steps in a row."""
+        self.limit = limit
+        self.in_a_row = 0
+
+    def good(self):
+        """A step was taken."""
+        self.in_a_row = 0
+
+    def bad(self, where):
+        """A step was skipped at `where`; raise TooManyFaults at the limit."""
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TooManyFaults(f'{self.limit} optimizer steps in a row had a non-finite loss, gradient or '
+                                f'solver result (last at {where}); stopped (a lower --lr may help)')
+
+
+def get_lr(args, epoch, iteration):
+    """Learning rate at 0-based `epoch` and global `iteration`.
+
+    args.lr × args.gamma^(milestones of args.schedule ≤ epoch), times
+    (iteration+1)/args.warmup during the first args.warmup iterations (the
+    paper's linear warm-up).
+    """
+    lr = args.lr * args.gamma ** sum(1 for milestone in args.schedule if milestone <= epoch)
+    if iteration < args.warmup:
+        lr *= (iteration + 1) / args.warmup
+    return lr
+
+
+def set_lr(optimizer, lr):
+    """Use lr in every parameter group."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def make_optimizer(args, params):
+    """SGD with momentum and weight decay, or Adam with weight decay."""
+    if args.optimizer == 'Adam':
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on device's type when enabled (a no-op context otherwise)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def step_is_finite(loss, model):
+    """True when the loss, every gradient and the adjoint solver's residual are finite."""
+    checks = [torch.isfinite(loss.detach()).all()]
+    checks += [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    stats = getattr(model, 'solver_stats', None)
+    solved = stats is None or math.isfinite(float(stats['residual']))
+    return solved and bool(torch.stack(checks).all())
+
+
+def make_bar(title, n, ctx):
+    """A progress bar on rank 0 (silent when stderr is not a terminal), None elsewhere."""
+    return Bar(title, max=n, file=sys.stderr) if ctx.is_main else None
+
+
+def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration, ctx=distributed.Context(),
+                amp=False, stop=None, faults=None, title='Train'):
+    """Train one epoch from global `iteration`; lr_at(iteration) gives each step's learning rate.
+
+    Steps with a non-finite loss, gradient or solver result are skipped
+    (counted; `faults` raises after too many in a row). A requested stop ends
+    the epoch after the current batch. Returns a dict: loss, top1, top5 (over
+    the steps taken, all processes), skipped, iteration (the next one), lr
+    (the last used), rel_residual (mean relative adjoint residual), stopped.
+    """
+    model.train()
+    net = distributed.unwrap(model)
+    faults = faults or FaultGuard()
+    losses, top1, top5, rel_res, batch_time = (AverageMeter() for _ in range(5))
+    skipped, stopped, lr = 0, False, float('nan')
+    bar = make_bar(title, len(loader), ctx)
+    end = time.monotonic()
+    for i, (inputs, targets) in enumerate(loader):
+        lr = lr_at(iteration)
+        set_lr(optimizer, lr)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            outputs = model(inputs)
+            loss = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Every process must take the same decision, or the next collective hangs.
+        bad, stopped = distributed.any_all([not step_is_finite(loss, net), stop is not None and stop.requested],
+                                           ctx, device)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            if ctx.is_main:
+                print(f'warning: {title}, batch {i + 1}: non-finite loss, gradient or solver result; '
+                      f'optimizer step skipped', file=sys.stderr)
+            faults.bad(f'{title}, batch {i + 1}')
+        else:
+            optimizer.step()
+            faults.good()
+            n = targets.size(0)
+            acc1, acc5 = accuracy(outputs.float(), targets, topk=(1, min(5, outputs.size(1))))
+            losses.update(loss.item(), n)
+            top1.update(acc1.item(), n)
+            top5.update(acc5.item(), n)
+            if net.solver_stats is not None:
+                rel_res.update(float(net.solver_stats['rel_residual']))
+        iteration += 1
+        batch_time.update(time.monotonic() - end)
+        end = time.monotonic()
+        if bar is not None:
+            eta = datetime.timedelta(seconds=round(batch_time.avg * (len(loader) - i - 1)))
+            bar.suffix = (f'({i + 1}/{len(loader)}) Loss: {losses.avg:.4f} | Top1: {top1.avg:.2f} | '
+                          f'{batch_time.avg:.3f}s/batch | ETA: {eta} | Res: {rel_res.avg:.1e} | '
+                          f'Skipped: {skipped}')
+            bar.next()
+        if stopped:
+            break
+    if bar is not None:
+        bar.finish()
+    loss_sum, count, top1_sum, top5_sum, skipped_all = distributed.sum_all(
+        [losses.sum, losses.count, top1.sum, top5.sum, skipped], ctx, device)
+    mean = (lambda total: total / count) if count else (lambda total: float('nan'))
+    return dict(loss=mean(loss_sum), top1=mean(top1_sum), top5=mean(top5_sum), skipped=int(skipped_all),
+                iteration=iteration, lr=lr, rel_residual=rel_res.avg, stopped=stopped)
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, *, ctx=distributed.Context(), amp=False, title='Test'):
+    """(loss, top-1 %, top-5 %) on the whole loader, summed over all processes."""
+    # The bare network: evaluation needs no gradient synchronisation.
+    net = distributed.unwrap(model)
+    # Each process's last training step moved its own BN statistics; evaluate rank 0's network everywhere.
+    distributed.broadcast_buffers(net, ctx)
+    net.eval()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    bar = make_bar(title, len(loader), ctx)
+    for i, (inputs, targets) in enumerate(loader):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            outputs = net(inputs)
+            loss = criterion(outputs, targets)
+        n = targets.size(0)
+        acc1, acc5 = accuracy(outputs.float(), targets, topk=(1, min(5, outputs.size(1))))
+        losses.update(loss.item(), n)
+        top1.update(acc1.item(), n)
+        top5.update(acc5.item(), n)
+        if bar is not None:
+            bar.suffix = f'({i + 1}/{len(loader)}) Loss: {losses.avg:.4f} | Top1: {top1.avg:.2f}'
+            bar.next()
+    if bar is not None:
+        bar.finish()
+    loss_sum, count, top1_sum, top5_sum = distributed.sum_all(
+        [losses.sum, losses.count, top1.sum, top5.sum], ctx, device)
+    return loss_sum / count, top1_sum / count, top5_sum / count
+
+
+# ---------------------------------------------------------------- run plumbing
+
+def seed_everything(seed):
+    """Seed python's, numpy's and torch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_data_epoch(loader, sampler, seed, epoch):
+    """Make the epoch's sample order a function of (seed, epoch) alone, so that a resumed run sees the same data."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    elif loader.generator is not None:
+        # Also fixes the DataLoader's worker seeds, which are drawn from this generator.
+        loader.generator.manual_seed(seed + epoch)
+
+
+def inherit_args(args, explicit, saved):
+    """Take every flag not typed on this command line from the resumed run's flags; return what was taken."""
+    taken = {}
+    for key, value in (saved or {}).items():
+        if hasattr(args, key) and key not in explicit and key not in LOCAL_FLAGS:
+            if getattr(args, key) != value:
+                taken[key] = value
+            setattr(args, key, value)
+    return taken
+
+
+def refuse_existing_run(folder):
+    """Raise RunError if a new run would write over the log or checkpoints of another run in folder."""
+    found = [name for name in (LOG_NAME, CHECKPOINT_NAME, BEST_NAME) if os.path.exists(os.path.join(folder, name))]
+    if found:
+        raise RunError(f'{folder} already holds a run ({", ".join(found)}): continue it with '
+                       f'--resume {os.path.join(folder, CHECKPOINT_NAME)}, or choose another folder with -c')
+
+
+def model_args_of(args, num_classes):
+    """Everything build_model needs besides the architecture's name."""
+    return dict(num_classes=num_classes, time_step=args.time_step, leaky=args.leaky, vth=args.vth,
+                dropout=args.drop, solver=args.solver, threshold=args.threshold, tol=args.tol)
+
+
+def device_line(device, ctx, train_batch):
+    """One line naming the device (and the process group under torchrun)."""
+    if device.type == 'cuda':
+        text = f'Device: {device} ({torch.cuda.get_device_name(device)})'
+    else:
+        text = 'Device: cpu (no CUDA GPU available; running on the CPU)'
+    if ctx.enabled:
+        text += (f', {ctx.world_size} processes, global batch {ctx.world_size} x {train_batch} '
+                 f'= {ctx.world_size * train_batch}')
+    return text
+
+
+def check_resumable(ckpt, path):
+    """Raise CheckpointError unless ckpt holds this project's training state."""
+    missing = [key for key in ('epoch', 'optimizer', 'iteration', 'rng') if key not in ckpt]
+    if missing:
+        raise CheckpointError(f'{path} has no training state of this project ({", ".join(missing)} missing); '
+                              f'it can only be evaluated with -e')
+
+
+def restore_training(ckpt, path, optimizer, ctx):
+    """Load the optimizer and this process's RNG state; return (next epoch, global iteration, best accuracy)."""
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f'{path}: optimizer state does not fit this run ({exc}); '
+                              f'was it saved with another --optimizer?') from exc
+    states = ckpt['rng']
+    if ctx.rank < len(states):
+        set_rng_state(states[ctx.rank])
+    else:
+        # More processes than when it was saved: the newcomers get fresh, distinct streams.
+        seed_everything(ckpt['seed'] + ctx.rank + ckpt['epoch'] * ctx.world_size)
+    return ckpt['epoch'], ckpt['iteration'], ckpt['best_acc']
+
+
+def save_state(state, is_best, folder, ctx, device):
+    """Rank 0 saves; every process learns whether it worked and raises the same error if not."""
+    error = None
+    if ctx.is_main:
+        try:
+            save_checkpoint(state, is_best, folder, CHECKPOINT_NAME)
+        except CheckpointError as exc:
+            error = exc
+    (failed,) = distributed.any_all([error is not None], ctx, device)
+    if failed:
+        raise error or RunError('rank 0 could not write the checkpoint')
+    return os.path.join(folder, CHECKPOINT_NAME)
+
+
+def open_log(folder, title, resuming):
+    """The run's Logger in folder with LOG_COLUMNS (appending when resuming)."""
+    try:
+        logger = Logger(os.path.join(folder, LOG_NAME), title=title, resume=resuming)
+        logger.set_names(LOG_COLUMNS)
+    except (ValueError, FileExistsError) as exc:
+        raise RunError(str(exc)) from exc
+    return logger
+
+
+def make_folder(folder):
+    """Create the checkpoint folder (and parents)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+
+
+@dataclass
+class Loop:
+    """What the epoch loop works with."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    device: torch.device
+    model_args: dict
+    train_loader: object
+    test_loader: object
+    train_sampler: object
+    folder: str
+
+
+class Run:
+    """One invocation of a training script: parsed flags in, training (or evaluation) out."""
+
+    def __init__(self, arch, args, explicit, prog, ctx):
+        """Hold the flags (and which were typed) of a run of network `arch` by script `prog`."""
+        self.arch, self.args, self.explicit, self.prog, self.ctx = arch, args, explicit, prog, ctx
+        self.say = print if ctx.is_main else (lambda *a, **k: None)
+        self.last_checkpoint = args.resume or None
+
+    def execute(self):
+        """Evaluate or train as the flags say; return a dict of final numbers."""
+        args = self.args
+        ckpt = load_checkpoint(args.resume) if args.resume else None
+        if ckpt is not None:
+            self.adopt_checkpoint_flags(ckpt)
+            if not args.evaluate:
+                check_resumable(ckpt, args.resume)
+        folder = args.checkpoint
+        if args.resume and 'checkpoint' not in self.explicit:
+            folder = os.path.dirname(os.path.abspath(args.resume))
+        if ckpt is None:
+            refuse_existing_run(folder)
+        device = self.start_up()
+        train_set, test_set, num_classes = get_datasets(args.dataset, args.path, time_step=args.time_step)
+        train_loader, test_loader, train_sampler = build_loaders(
+            train_set, test_set, args.train_batch, args.test_batch, args.workers,
+            distributed=self.ctx.enabled, seed=args.manualSeed)
+        self.say(f'Data: {args.dataset}, {len(train_set)} train / {len(test_set)} test, {num_classes} classes')
+        model_args = model_args_of(args, num_classes)
+        model = self.build(model_args, ckpt).to(device)
+        criterion = nn.CrossEntropyLoss().to(device)
+        if args.evaluate:
+            loss, top1, _ = evaluate(model, test_loader, criterion, device, ctx=self.ctx, amp=args.amp)
+            self.say(f'Test Loss: {loss:.4f}  Test Acc: {top1:.2f}')
+            return dict(loss=loss, acc=top1)
+        model = distributed.wrap(model, self.ctx, device, sync_bn=args.sync_bn)
+        optimizer = make_optimizer(args, model.parameters())
+        loop = Loop(model, optimizer, criterion, device, model_args, train_loader, test_loader, train_sampler,
+                    folder)
+        return self.train(loop, ckpt)
+
+    def start_up(self):
+        """Seed every generator, say which neuron and device are used; return the device."""
+        args = self.args
+        if args.manualSeed is None:
+            # Recorded in the flags, so that a resumed run keeps the same data order.
+            args.manualSeed = random.SystemRandom().randrange(2 ** 31)
+        seed_everything(args.manualSeed + self.ctx.rank)
+        device = distributed.device_for(self.ctx)
+        self.say(cli.neuron_line(args.leaky))
+        self.say(device_line(device, self.ctx, args.train_batch))
+        self.say(f'Seed: {args.manualSeed}')
+        return device
+
+    def build(self, model_args, ckpt):
+        """The network, with the checkpoint's weights if there is one."""
+        model = build_model(self.arch, **model_args)
+        if ckpt is not None:
+            self.note_model_changes(ckpt, model_args)
+            load_into_model(model, ckpt, expected_arch=self.arch,
+                            expected_args={'num_classes': model_args['num_classes']})
+        self.say(f'Model: {self.arch} ({ARCHITECTURES[self.arch].description}), '
+                 f'{model.count_neurons():,} neurons, {model.count_parameters():,} parameters')
+        return model
+
+    def adopt_checkpoint_flags(self, ckpt):
+        """Refuse another network's checkpoint; take the flags not typed now from the resumed run."""
+        saved_arch = ckpt.get('arch')
+        if saved_arch is not None and saved_arch != self.arch:
+            raise CheckpointError(f'{self.args.resume} holds a {saved_arch} network, {self.prog} builds '
+                                  f'{self.arch}')
+        taken = inherit_args(self.args, self.explicit, ckpt.get('args'))
+        if taken:
+            listed = ', '.join(f'{k}={v}' for k, v in sorted(taken.items()))
+            self.say(f'From the checkpoint: {listed}')
+
+    def note_model_changes(self, ckpt, model_args):
+        """Say which network settings typed now differ from the checkpoint's (allowed: same weights)."""
+        saved = ckpt.get('model_args') or {}
+        changed = [f'{k} {saved[k]} -> {v}' for k, v in model_args.items()
+                   if k in saved and k != 'num_classes' and saved[k] != v]
+        if changed:
+            self.say(f'Note: network settings differ from the checkpoint\'s: {", ".join(changed)}')
+
+    def train(self, loop, ckpt):
+        """Resume if asked, then the epoch loop under a SIGINT/SIGTERM guard; return the final numbers."""
+        args = self.args
+        start_epoch, iteration, best_acc = args.start_epoch, 0, None
+        if ckpt is not None:
+            # Last: everything before may draw random numbers that the saved state already accounts for.
+            start_epoch, iteration, best_acc = restore_training(ckpt, args.resume, loop.optimizer, self.ctx)
+            self.say(f'Resuming from {args.resume}: epoch {start_epoch + 1}, iteration {iteration}, '
+                     f'best accuracy {best_acc:.2f}')
+        if start_epoch >= args.epochs:
+            self.say(f'Nothing to do: {start_epoch} of --epochs {args.epochs} already done; '
+                     f'pass a larger --epochs to train further')
+            return dict(best_acc=best_acc, epoch=start_epoch)
+        if self.ctx.is_main:
+            make_folder(loop.folder)
+        with StopRequest() as stop:
+            return self.epochs(loop, stop, start_epoch, iteration, best_acc, resuming=ckpt is not None)
+
+    def epochs(self, loop, stop, start_epoch, iteration, best_acc, resuming):
+        """Train, evaluate, checkpoint and log each remaining epoch."""
+        args, ctx = self.args, self.ctx
+        faults = FaultGuard()
+        # Opened after the first epoch, so that a run stopped before it leaves no log behind.
+        logger = None
+        test_top1 = None
+        for epoch in range(start_epoch, args.epochs):
+            if distributed.any_all([stop.requested], ctx, loop.device)[0]:
+                raise Interrupted(stop.signum or signal.SIGTERM)
+            started = time.monotonic()
+            set_data_epoch(loop.train_loader, loop.train_sampler, args.manualSeed, epoch)
+            stats = train_epoch(loop.model, loop.train_loader, loop.criterion, loop.optimizer, loop.device,
+                                lr_at=functools.partial(get_lr, args, epoch), iteration=iteration, ctx=ctx,
+                                amp=args.amp, stop=stop, faults=faults, title=f'Epoch {epoch + 1}/{args.epochs}')
+            if stats['stopped']:
+                raise Interrupted(stop.signum or signal.SIGTERM)
+            iteration = stats['iteration']
+            test_loss, test_top1, _ = evaluate(loop.model, loop.test_loader, loop.criterion, loop.device,
+                                               ctx=ctx, amp=args.amp)
+            is_best = best_acc is None or test_top1 > best_acc
+            best_acc = test_top1 if is_best else best_acc
+            state = dict(epoch=epoch + 1, arch=self.arch, model_args=loop.model_args,
+                         state_dict=distributed.unwrap(loop.model).state_dict(), acc=test_top1,
+                         best_acc=best_acc, optimizer=loop.optimizer.state_dict(), iteration=iteration,
+                         seed=args.manualSeed, rng=distributed.gather(rng_state(), ctx), args=dict(vars(args)))
+            self.last_checkpoint = save_state(state, is_best, loop.folder, ctx, loop.device)
+            if ctx.is_main:
+                logger = logger or open_log(loop.folder, f'{self.prog} {self.arch}', resuming)
+                logger.append([stats['lr'], stats['loss'], test_loss, stats['top1'], test_top1, stats['skipped']])
+                logger.plot(os.path.join(loop.folder, PLOT_NAME))
+            self.say(f'Epoch {epoch + 1}/{args.epochs}  lr {stats["lr"]:.4g}  train loss {stats["loss"]:.4f} '
+                     f'acc {stats["top1"]:.2f}  test loss {test_loss:.4f} acc {test_top1:.2f}  '
+                     f'best {best_acc:.2f}  skipped {stats["skipped"]}  ({time.monotonic() - started:.1f}s)')
+        self.say(f'Best accuracy: {best_acc:.2f}')
+        return dict(acc=test_top1, best_acc=best_acc, epoch=args.epochs)
+
+    def interrupted_message(self):
+        """How to continue after a stop by signal."""
+        if self.args.evaluate:
+            return 'interrupted'
+        if self.last_checkpoint:
+            return f'interrupted; resume with: python {self.prog} --resume {self.last_checkpoint}'
+        return 'interrupted before the first epoch finished; nothing was saved'
+
+    def failure_message(self, exc):
+        """The one line for an error a user can act on."""
+        text = f'{self.prog}: error: {one_line(exc)}'
+        if isinstance(exc, TooManyFaults) and self.last_checkpoint:
+            text += f'; the last good checkpoint is {self.last_checkpoint}'
+        return text
+
+
+def one_line(exc):
+    """An exception's message on one line."""
+    return ' '.join(str(exc).split())
+
+
+def run(arch, argv, script, defaults, datasets, description=None):
+    """Parse argv with a script's defaults and data sets, then train or evaluate network `arch`.
+
+    Errors a user can fix (flags, data, checkpoints, a full disk) end in one
+    line on stderr and exit code 1 (2 for flags); SIGINT/SIGTERM during
+    training exit with 130/143 after saying how to resume.
+    """
+    prog = os.path.basename(script)
+    args, explicit = cli.parse_args(argv, prog, description, defaults, datasets)
+    ctx = distributed.init_from_env()
+    current = Run(arch, args, explicit, prog, ctx)
+    try:
+        return current.execute()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if ctx.is_main:
+            print(current.interrupted_message(), file=sys.stderr)
+        sys.exit(128 + getattr(exc, 'signum', signal.SIGINT))
+    except (DataError, CheckpointError, RunError) as exc:
+        # Every process meets the same error; one line is enough.
+        if ctx.is_main:
+            print(current.failure_message(exc), file=sys.stderr)
+        sys.exit(1)
+    finally:
+        distributed.shutdown(ctx)
