@@ -18,8 +18,7 @@ import torch
 
 def _norms(r):
     """Per-sample L2 norms of a (B, n) tensor; non-finite rows become +inf."""
-    norms = r.norm(dim=1)
-    return torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.inf))
+    return r.norm(dim=1).nan_to_num_(nan=math.inf, posinf=math.inf)  # a norm is never -inf
 
 
 def _finite_or_inf(value):
@@ -117,7 +116,7 @@ def fixed_point_iter(func, y0, max_iter=30, tol=None):
     trace = [residual]
     nstep = 0
     while nstep < max_iter and not residual < stop:
-        y = y + 0.5 * r
+        y = torch.add(y, r, alpha=0.5)  # one pass; equals y + 0.5·r, halving being exact for normal floats
         nstep += 1
         r = func(y) - y
         residual = _finite_or_inf(float(r.norm()))

@@ -1,0 +1,368 @@
+"""Training-step benchmark of the paper's nets: `python -m utils.bench`.
+
+A training step (DESIGN.md §3) is split into four parts, each timed alone
+(a warm-up step first, then the median of `--repeats` runs):
+
+- sim:   a power-iteration step, fresh dropout masks and the T-step simulation
+         (no autograd);
+- f:     F(x̄), z = f(a) (and f at the Jacobian point of multi-layer nets),
+         the classifier and the loss with autograd, then the backward to the
+         parameters with the adjoint solution y given;
+- solve: the adjoint solve y = v + y·J on that graph. It takes n iterations;
+         the solver evaluates the adjoint map y ↦ v + y·J (one vector-Jacobian
+         product of f) n + 1 times (the initial residual, then once per
+         iteration), so `ms/iter` is solve ms / (n + 1) and `iter/VJP` compares
+         it with one evaluation of the adjoint map timed alone (`ms/VJP`): the
+         excess is the solver's own overhead;
+- optim: the optimizer step (SGD, momentum 0.9, weight decay 5e-4);
+
+then the whole step as the training loop runs it (`step`); `step/parts` is
+step ms over the sum of the four parts.
+
+Peak memory (`peak MB`) is the most tensor memory that a training step has
+allocated and not yet freed at any moment: activations, the adjoint solver's
+buffers, dropout masks and the new gradients, but not what is held across
+steps (parameters, optimizer state, and the input batch, whose own size is the
+`input MB` column). On CUDA it is torch.cuda.max_memory_allocated() after
+reset_peak_memory_stats(), less the memory allocated before the step; on the
+CPU the running sum of the allocation and free events that the PyTorch
+profiler records during the step (exact and repeatable, unlike the process's
+RSS; memory that oneDNN or BLAS allocate outside PyTorch is not counted).
+
+On a machine shared with other processes, OpenMP threads that spin while
+waiting make every parallel kernel wait for a scheduler slice;
+`OMP_WAIT_POLICY=PASSIVE` avoids it (the header line shows the setting).
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from modules import ARCHITECTURES, VariationalDropout, build_model
+
+NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
+# The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
+LEAK = {"mnist_conv": 0.95, "fashion_mlp": 0.95, "nmnist_conv": 0.95, "alexnetf": 0.99, "cifarnetf": 0.99}
+# Small batches keep the whole CPU table within minutes on two cores.
+CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf": 8, "cifarnetf": 8}
+SPIKE_DENSITY = 0.1
+COLUMNS = ("net", "T", "amp", "batch", "sim ms", "f fwd+bwd ms", "solve ms", "n iters", "ms/iter",
+           "ms/VJP", "iter/VJP", "optim ms", "step ms", "step/parts", "img/s", "peak MB", "input MB")
+# The issue's limits on a step.
+MAX_STEP_OVER_PARTS = 1.15
+MAX_ITER_OVER_VJP = 1.3
+MAX_PEAK_GROWTH = 1.10
+VJP_SAMPLES = 5
+
+
+def make_batch(name, batch, time_step, device, seed=0):
+    """A random batch at the net's paper input size: images, or spike frames (B, 2, 34, 34, T)."""
+    arch = ARCHITECTURES[name]
+    gen = torch.Generator().manual_seed(seed)
+    if arch.spike_input:
+        x = (torch.rand(batch, *arch.input_shape, time_step, generator=gen) < SPIKE_DENSITY).float()
+    else:
+        x = torch.randn(batch, *arch.input_shape, generator=gen)
+    target = torch.randint(0, 10, (batch,), generator=gen)
+    return x.to(device), target.to(device)
+
+
+def build_training(name, time_step, device, seed=0):
+    """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer."""
+    torch.manual_seed(seed)
+    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2,
+                        solver=ARCHITECTURES[name].solver).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return model, optimizer
+
+
+@contextlib.contextmanager
+def overridden(obj, **attrs):
+    """Shadow methods of obj by instance attributes for the duration of the block."""
+    for name, value in attrs.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name in attrs:
+            delattr(obj, name)
+
+
+class TrainingStep:
+    """One training step of an SNNClassifier, whole (`full`) or part by part (module docstring).
+
+    The parts run the model's own forward with the simulation and the adjoint
+    solve swapped for stored results, so they do exactly the work of a step.
+    """
+
+    def __init__(self, model, optimizer, x, target, amp=False):
+        self.model, self.optimizer, self.x, self.target, self.amp = model, optimizer, x, target, amp
+        self.snn = model.snn
+        self.net_solve = self.snn._solve  # bound now: the parts shadow it while they run
+        self.rate = self.y = self.info = self.adjoint_map = self.y0 = None
+
+    def autocast(self):
+        """bf16 autocast on the input's device when amp is on."""
+        return torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def full(self):
+        """The step as the training loop runs it; returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.model(self.x), self.target)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def simulate(self):
+        """Part sim: what the training forward does before f."""
+        with self.autocast():
+            self.snn.begin_forward()
+            self.rate, _ = self.snn.simulate(self.x)
+
+    def forward_backward(self, solve, retain_graph=False):
+        """Part f: the training forward after the simulation and its backward, `solve` answering the adjoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with overridden(self.snn, begin_forward=lambda: None, simulate=lambda x: (self.rate, None), _solve=solve):
+            with self.autocast():
+                loss = F.cross_entropy(self.model(self.x), self.target)
+            loss.backward(retain_graph=retain_graph)
+        return loss.detach()
+
+    def solve_and_keep(self, func, y0):
+        """The net's adjoint solve, keeping its answer for `given_solution`."""
+        self.y, self.info = self.net_solve(func, y0)
+        return self.y, self.info
+
+    def given_solution(self, func, y0):
+        """The stored adjoint solution, in place of a solve."""
+        return self.y, self.info
+
+    def keep_map(self, func, y0):
+        """Keep the adjoint map and start of this backward for `solve`/`vjp`; answer with the stored solution."""
+        self.adjoint_map, self.y0 = func, y0
+        return self.y, self.info
+
+    def by_parts(self):
+        """A whole step run part by part; returns the loss."""
+        self.simulate()
+        loss = self.forward_backward(self.solve_and_keep)
+        self.optimizer.step()
+        return loss
+
+    def capture(self):
+        """Build f's graph at the stored rate and keep its adjoint map (parameters must not change until solved)."""
+        self.forward_backward(self.keep_map, retain_graph=True)
+
+    def solve(self):
+        """Part solve: the adjoint solve on the captured graph; returns the solver's info."""
+        return self.net_solve(self.adjoint_map, self.y0)[1]
+
+    def vjp(self):
+        """One evaluation of the captured adjoint map (one vector-Jacobian product of f)."""
+        return self.adjoint_map(self.y)
+
+    def release(self):
+        """Drop the captured graph."""
+        self.adjoint_map = self.y0 = None
+
+
+def synchronize(device):
+    """Wait for queued work on a CUDA device (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device):
+    """Wall time of fn() in milliseconds, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return 1e3 * (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the block (the profiler's native status lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_mb(fn):
+    """Peak MB of CPU tensor memory allocated by fn() and alive at once, from the profiler's allocation events."""
+    # The profiler logs its stages on stderr; fn already ran several times, so nothing else is hidden.
+    with native_stderr_silenced(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda event: event[0])
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+def cuda_peak_mb(fn, device):
+    """Peak CUDA memory of fn() above what was allocated before, in MB."""
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def time_parts(step, repeats, device):
+    """Median ms of every part alone and of the whole step, median iterations, median ms per adjoint-map call."""
+    runs = {part: [] for part in ("sim", "f", "solve", "iter", "vjp", "optim", "step")}
+    iterations = []
+    for _ in range(repeats):
+        runs["sim"].append(time_ms(step.simulate, device))
+        runs["f"].append(time_ms(lambda: step.forward_backward(step.given_solution), device))
+        step.capture()  # a fresh graph: the optimizer steps below change the parameters it saved
+        info = {}
+        runs["solve"].append(time_ms(lambda: info.update(step.solve()), device))
+        iterations.append(info["nstep"])
+        runs["iter"].append(runs["solve"][-1] / (info["nstep"] + 1))
+        # A VJP is short and noisy: the median of several.
+        runs["vjp"].append(statistics.median(time_ms(step.vjp, device) for _ in range(VJP_SAMPLES)))
+        step.release()
+        runs["optim"].append(time_ms(step.optimizer.step, device))
+        runs["step"].append(time_ms(step.full, device))
+    ms = {part: statistics.median(values) for part, values in runs.items()}
+    return ms, statistics.median_low(iterations)
+
+
+def release_step_buffers(model, optimizer):
+    """Free the gradients and dropout masks, as a training step does first, so that its peak counts them anew."""
+    optimizer.zero_grad(set_to_none=True)
+    for module in model.modules():
+        if isinstance(module, VariationalDropout):
+            module.reset()
+
+
+def measure(name, time_step, batch, device="cpu", amp=False, repeats=3, seed=0):
+    """One table row (a dict keyed by COLUMNS) for net `name` at T = time_step."""
+    device = torch.device(device)
+    model, optimizer = build_training(name, time_step, device, seed)
+    x, target = make_batch(name, batch, time_step, device, seed)
+    step = TrainingStep(model, optimizer, x, target, amp)
+    step.full()      # warm-up: kernels chosen, optimizer state allocated
+    step.by_parts()  # warm-up of the parts; stores the adjoint solution they reuse
+    ms, n = time_parts(step, repeats, device)
+    release_step_buffers(model, optimizer)
+    peak = cuda_peak_mb(step.full, device) if device.type == "cuda" else cpu_peak_mb(step.full)
+    parts_sum = ms["sim"] + ms["f"] + ms["solve"] + ms["optim"]
+    return {"net": name, "T": time_step, "amp": amp, "batch": batch,
+            "sim ms": ms["sim"], "f fwd+bwd ms": ms["f"], "solve ms": ms["solve"], "n iters": n,
+            "ms/iter": ms["iter"], "ms/VJP": ms["vjp"], "iter/VJP": ms["iter"] / ms["vjp"],
+            "optim ms": ms["optim"], "step ms": ms["step"], "step/parts": ms["step"] / parts_sum,
+            "img/s": 1e3 * batch / ms["step"], "peak MB": peak,
+            "input MB": x.element_size() * x.numel() / 2 ** 20}
+
+
+def format_cell(column, value):
+    """A table cell."""
+    if isinstance(value, bool):
+        return "bf16" if value else "fp32"
+    if isinstance(value, (int, str)):
+        return str(value)
+    if column in ("iter/VJP", "step/parts", "input MB"):
+        return f"{value:.2f}"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def markdown_table(rows):
+    """The rows as one Markdown table with COLUMNS."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(format_cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def constraint_lines(rows):
+    """One line per limit of the issue, naming the rows that break it."""
+    over = [f"{r['net']} T={r['T']}" for r in rows if r["step/parts"] > MAX_STEP_OVER_PARTS]
+    slow = [f"{r['net']} T={r['T']}" for r in rows
+            if ARCHITECTURES[r["net"]].kind == "conv" and r["iter/VJP"] > MAX_ITER_OVER_VJP]
+    growth = []
+    for r in rows:
+        for q in rows:
+            if (q["net"], q["amp"], q["batch"]) == (r["net"], r["amp"], r["batch"]) and q["T"] > r["T"]:
+                ratio = q["peak MB"] / r["peak MB"]
+                growth.append((f"{r['net']} T={q['T']}/T={r['T']}: {ratio:.2f}", ratio))
+    bad_growth = [text for text, ratio in growth if not ratio <= MAX_PEAK_GROWTH]
+    return [f"step/parts <= {MAX_STEP_OVER_PARTS}: " + (", ".join(over) if over else "all rows hold"),
+            f"iter/VJP <= {MAX_ITER_OVER_VJP} (conv nets): " + (", ".join(slow) if slow else "all rows hold"),
+            f"peak MB growth with T <= {MAX_PEAK_GROWTH}: "
+            + ("; ".join(bad_growth) if bad_growth else "all hold")
+            + (" (" + "; ".join(text for text, _ in growth) + ")" if growth else "")]
+
+
+def parse_args(argv=None):
+    """The command-line flags."""
+    p = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS))
+    p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of every net (default: 32 on CUDA; per net on the CPU: "
+                        + ", ".join(f"{k} {v}" for k, v in CPU_BATCH.items()) + ")")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as the training scripts' --amp")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if min(args.time_steps) < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
+        p.error("--time-steps, --repeats and --batch must be >= 1")
+    return args
+
+
+def batch_size(args, name):
+    """The batch size for net `name`."""
+    if args.batch is not None:
+        return args.batch
+    return 32 if args.device == "cuda" else CPU_BATCH[name]
+
+
+def header(args):
+    """One line saying where the table was measured."""
+    threads = args.threads or torch.get_num_threads()
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {threads} threads"
+    return (f"torch {torch.__version__}, {where}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"median of {args.repeats}")
+
+
+def main(argv=None):
+    """Measure every (net, T) and print the table."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(name, time_step, batch_size(args, name), args.device, args.amp, args.repeats)
+            for name in args.nets for time_step in args.time_steps]
+    print(header(args))
+    print()
+    print(markdown_table(rows))
+    print()
+    for line in constraint_lines(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
