@@ -61,10 +61,13 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     U = y0.new_empty(B, memory, n)   # rows u_kᵀ
     VT = y0.new_empty(B, memory, n)  # rows v_kᵀ
     filled = 0                       # terms stored so far; only these are ever read
-    # With H = -I + U Vᵀ: -H x = x - U (Vᵀ x) and xᵀ H = -xᵀ + (xᵀ U) Vᵀ.
+    # With H = -I + U Vᵀ: H x = -x + U (Vᵀ x) and xᵀ H = -xᵀ + (xᵀ U) Vᵀ. H g is carried from one
+    # iteration to the next (updated by the new rank-one term), so each iteration applies the
+    # stored terms twice, for H g_new and Δyᵀ H, rather than three times.
 
     y = y0
     gy = func(y) - y
+    Hg = -gy
     sample_res = _norms(gy)
     best_y, best_res = y.clone(), sample_res.clone()
     residual = float(gy.norm())
@@ -73,32 +76,46 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     nstep = 0
     while nstep < max_iter and not residual < stop:
         Us, VTs = U[:, :filled], VT[:, :filled]
-        y_new = y + _low_rank_update(gy, gy, VTs, Us, alpha=-1.0)  # y - H g
+        dy = -Hg                                                 # the Newton step -H g
+        y_new = y + dy
         g_new = func(y_new) - y_new
-        dy, dg = y_new - y, g_new - gy
+        dg = g_new - gy
         y, gy = y_new, g_new
         nstep += 1
 
         sample_res = _norms(gy)
         better = sample_res < best_res
-        best_y = torch.where(better[:, None], y, best_y)
         best_res = torch.where(better, sample_res, best_res)
         bad = torch.isinf(sample_res)  # a non-finite residual (see _norms)
         # One host synchronisation per iteration; the norm of best_res is +inf as soon as one sample's is.
-        residual, any_bad = torch.stack([best_res.norm(), bad.any().to(best_res.dtype)]).tolist()
+        residual, any_bad, all_better = torch.stack(
+            [best_res.norm(), bad.any().to(best_res.dtype), better.all().to(best_res.dtype)]).tolist()
         trace.append(residual)
+        # y is never modified in place, so when every sample improved it can be kept without a copy.
+        best_y = y if all_better else torch.where(better[:, None], y, best_y)
 
+        Hg_new = _low_rank_update(gy, gy, VTs, Us, beta=-1.0)   # H g_new, before the update
         vT = _low_rank_update(dy, dy, Us, VTs, beta=-1.0)       # Δyᵀ H
         denom = torch.linalg.vecdot(vT, dg)[:, None]            # Δyᵀ H Δg
-        u = _low_rank_update(dy + dg, dg, VTs, Us, alpha=-1.0)  # Δy - H Δg
+        u = dy - (Hg_new - Hg)                                  # Δy - H Δg
+        # A zero or non-finite denominator drops the sample's update instead of storing inf/NaN.
+        usable = (denom != 0) & torch.isfinite(denom)
+        scale = torch.where(usable, 1.0 / torch.where(usable, denom, torch.ones_like(denom)), torch.zeros_like(denom))
         slot = (nstep - 1) % memory
-        torch.div(u, denom, out=U[:, slot]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        torch.nan_to_num(vT, nan=0.0, posinf=0.0, neginf=0.0, out=VT[:, slot])
+        if filled == memory:  # the oldest term leaves H
+            Hg_new = Hg_new - U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
+        torch.mul(u, scale, out=U[:, slot])
+        VT[:, slot] = vT
+        if any_bad:  # non-finite iterates must not reach the stored terms
+            U[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            VT[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         filled = min(filled + 1, memory)
+        Hg = Hg_new + U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
         # A diverged sample restarts from its best iterate.
         if any_bad:
             y = torch.where(bad[:, None], best_y, y)
             gy = torch.where(bad[:, None], torch.zeros_like(gy), gy)
+            Hg = torch.where(bad[:, None], torch.zeros_like(Hg), Hg)
     return best_y, _info(nstep, trace)
 
 
