@@ -306,10 +306,11 @@ def constraint_lines(rows):
                 ratio = q["peak MB"] / r["peak MB"]
                 growth.append((f"{r['net']} T={q['T']}/T={r['T']}: {ratio:.2f}", ratio))
     bad_growth = [text for text, ratio in growth if not ratio <= MAX_PEAK_GROWTH]
-    return [f"step/parts <= {MAX_STEP_OVER_PARTS}: " + (", ".join(over) if over else "all rows hold"),
-            f"iter/VJP <= {MAX_ITER_OVER_VJP} (conv nets): " + (", ".join(slow) if slow else "all rows hold"),
+    return [f"step/parts <= {MAX_STEP_OVER_PARTS}: " + ("exceeded by " + ", ".join(over) if over else "all rows hold"),
+            f"iter/VJP <= {MAX_ITER_OVER_VJP} (conv nets): "
+            + ("exceeded by " + ", ".join(slow) if slow else "all rows hold"),
             f"peak MB growth with T <= {MAX_PEAK_GROWTH}: "
-            + ("; ".join(bad_growth) if bad_growth else "all hold")
+            + ("exceeded by " + "; ".join(bad_growth) if bad_growth else "all hold")
             + (" (" + "; ".join(text for text, _ in growth) + ")" if growth else "")]
 
 
