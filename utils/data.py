@@ -294,12 +294,33 @@ def _short(exc):
 
 # ---------------------------------------------------------------- loaders
 
+class ShardSampler(DistributedSampler):
+    """In order, each sample exactly once over all processes: rank r takes r, r + world_size, ...
+
+    DistributedSampler pads an uneven set with repeats, which evaluation would
+    count twice; here the shards differ in size by at most one.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        """Shard dataset among num_replicas processes (default: those of the default group)."""
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(self._indices())
+
+    def _indices(self):
+        """This process's share of the indices."""
+        return range(self.rank, len(self.dataset), self.num_replicas)
+
+    def __iter__(self):
+        """Iterate over this process's indices."""
+        return iter(self._indices())
+
+
 def build_loaders(train_set, test_set, train_batch, test_batch, workers, distributed=False, seed=0):
     """Return (train_loader, test_loader, train_sampler); train_sampler is None unless distributed."""
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
     if distributed:
         train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed)
-        test_sampler = DistributedSampler(test_set, shuffle=False, drop_last=False)
+        test_sampler = ShardSampler(test_set)
         per_replica = len(train_sampler)
         train_args = dict(sampler=train_sampler)
     else:

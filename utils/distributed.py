@@ -2,6 +2,27 @@
 
 A plain `python script.py` is a group of one: every helper then does nothing
 but return its input, so the training loop has a single code path.
+
+Launching. torchrun starts one process per GPU (NCCL) or, without CUDA, per
+`--nproc_per_node` CPU process (Gloo); the scripts take the same flags as alone:
+
+    # one machine, 4 GPUs
+    torchrun --standalone --nproc_per_node=4 cifar_cifarnetf.py --dataset cifar100 --path DATA --train-batch 32 -c CKPT
+    # two machines, 8 GPUs each (global batch 2 x 8 x 8 = 128): on HOST, and with --node_rank=1 on the other
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        cifar_alexnetf.py --path DATA --train-batch 8 -c CKPT
+
+Semantics. `--train-batch` is per process: one optimizer step averages the
+gradients of world_size x train_batch samples (the global batch), and an
+epoch takes about len(train set) / global batch steps. The learning rate is not
+scaled: to keep the paper's global batch of 128 on 4 processes, pass
+`--train-batch 32`. The processes split each epoch's shuffled training set
+(same seed, rank 0's when none is given) and the test set, each test sample
+counted once; losses and accuracies are summed over all processes. Rank 0
+alone prints and writes the checkpoint folder, so with several machines -c
+should be on storage every machine can read back for `--resume`; missing
+data files are fetched or unpacked by one process per machine (local rank 0)
+before the others read them.
 """
 import os
 from dataclasses import dataclass
@@ -96,6 +117,15 @@ def gather(obj, ctx):
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, ctx):
+    """Rank 0's obj, on every process (a picklable object)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_buffers(model, ctx):

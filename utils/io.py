@@ -1,9 +1,9 @@
 """Atomic file writes, checkpoints (this project's and the paper's release), RNG state."""
 import collections
+import io
 import os
 import random
 import re
-import shutil
 import uuid
 import zipfile
 
@@ -69,9 +69,13 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def atomic_write(path, write):
-    """Call write(binary_file) on a temporary file beside path, fsync it, then move it over path."""
-    path = os.fspath(path)
+def _cannot_write(path, exc):
+    """The CheckpointError for a failed write of path."""
+    return CheckpointError(f'cannot write {path}: {_reason(exc)}')
+
+
+def _write_temporary(path, write):
+    """Call write(binary_file) on a new temporary file beside path and fsync it; return the temporary's path."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp')
     try:
@@ -81,13 +85,43 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
+    except Exception as exc:
         _remove_quietly(tmp)
-        if isinstance(exc, Exception):
-            raise CheckpointError(f'cannot write {path}: {_reason(exc)}') from exc
+        raise _cannot_write(path, exc) from exc
+    except BaseException:
+        _remove_quietly(tmp)
         raise
-    _fsync_folder(folder)
+    return tmp
+
+
+def atomic_write_all(items):
+    """Write every (path, write) pair to a temporary file, then move them over their paths in order.
+
+    Nothing is replaced until every file is written in full, so a failure
+    (a full disk) leaves all the old files as they were; CheckpointError names
+    the file that failed.
+    """
+    items = [(os.fspath(path), write) for path, write in items]
+    staged = []
+    try:
+        for path, write in items:
+            staged.append((_write_temporary(path, write), path))
+        for tmp, path in list(staged):
+            try:
+                os.replace(tmp, path)
+            except Exception as exc:
+                raise _cannot_write(path, exc) from exc
+            staged.remove((tmp, path))
+    finally:
+        for tmp, _ in staged:
+            _remove_quietly(tmp)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path, _ in items}:
+        _fsync_folder(folder)
+
+
+def atomic_write(path, write):
+    """Call write(binary_file) on a temporary file beside path, fsync it, then move it over path."""
+    atomic_write_all([(path, write)])
 
 
 def _first_unsafe(obj, where):
@@ -109,8 +143,8 @@ def _first_unsafe(obj, where):
     return where, f'{type(obj).__module__}.{type(obj).__qualname__}'
 
 
-def atomic_save(obj, path):
-    """torch.save obj to path atomically; on failure the old file stays, CheckpointError is raised."""
+def _refuse_unsafe(obj, path):
+    """Raise CheckpointError if weights_only loading would refuse something in obj."""
     # Refused before writing: such a checkpoint would only fail later, when a run resumes.
     found = _first_unsafe(obj, 'state')
     if found:
@@ -118,6 +152,11 @@ def atomic_save(obj, path):
         raise CheckpointError(f'cannot write {os.fspath(path)}: {where} is of type {type_name}, '
                               f'which weights_only loading refuses (store plain numbers, lists, '
                               f'dicts or tensors)')
+
+
+def atomic_save(obj, path):
+    """torch.save obj to path atomically; on failure the old file stays, CheckpointError is raised."""
+    _refuse_unsafe(obj, path)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -137,20 +176,26 @@ def append_line(path, line):
         raise CheckpointError(f'cannot write {os.fspath(path)}: {_reason(exc)}') from exc
 
 
-def _atomic_copy(src, dst):
-    """Copy the file src to dst atomically."""
-    def copy(f):
-        with open(src, 'rb') as source:
-            shutil.copyfileobj(source, f)
-    atomic_write(dst, copy)
-
-
 def save_checkpoint(state, is_best, folder, filename='checkpoint.pth.tar'):
-    """Save state atomically as folder/filename, also as model_best.pth.tar if is_best; return the path."""
+    """Save state atomically as folder/filename, also as model_best.pth.tar if is_best; return the path.
+
+    Both files are written in full before either is replaced, the best one
+    first: a failure leaves both old files, and a checkpoint never records a
+    best accuracy whose model is not on disk.
+    """
     path = os.path.join(folder, filename)
-    atomic_save(state, path)
-    if is_best:
-        _atomic_copy(path, os.path.join(folder, BEST_NAME))
+    _refuse_unsafe(state, path)
+    data = io.BytesIO()
+    try:
+        torch.save(state, data)
+    except Exception as exc:
+        raise _cannot_write(path, exc) from exc
+
+    def write(f):
+        f.write(data.getbuffer())
+
+    best = [(os.path.join(folder, BEST_NAME), write)] if is_best else []
+    atomic_write_all(best + [(path, write)])
     return path
 
 

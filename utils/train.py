@@ -34,6 +34,8 @@ LOG_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid
 MAX_BAD_STEPS = 5
 # Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
 LOCAL_FLAGS = ('checkpoint', 'resume', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch')
+# What each optimizer keeps per parameter: a saved state with anything else was made by another optimizer.
+OPTIMIZER_STATE = {'SGD': {'momentum_buffer'}, 'Adam': {'step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'}}
 
 
 class RunError(Exception):
@@ -149,20 +151,40 @@ def step_is_finite(loss, model):
     return solved and bool(torch.stack(checks).all())
 
 
+def snapshot_buffers(net):
+    """Copies of net's buffers (BN statistics, power-iteration vectors), to undo a skipped step."""
+    return [b.detach().clone() for b in net.buffers()]
+
+
+@torch.no_grad()
+def restore_buffers(net, saved):
+    """Put back what snapshot_buffers copied."""
+    for buffer, value in zip(net.buffers(), saved):
+        buffer.copy_(value)
+
+
 def make_bar(title, n, ctx):
     """A progress bar on rank 0 (silent when stderr is not a terminal), None elsewhere."""
     return Bar(title, max=n, file=sys.stderr) if ctx.is_main else None
+
+
+def warn(text, bar=None):
+    """Print a line on stderr, on a line of its own even while a progress bar is drawn on the terminal."""
+    # The bar leaves the cursor at the end of its line; erase that line, the bar redraws itself below.
+    clear = '\r\x1b[K' if bar is not None and bar.is_tty() else ''
+    print(clear + text, file=sys.stderr)
 
 
 def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration, ctx=distributed.Context(),
                 amp=False, stop=None, faults=None, title='Train'):
     """Train one epoch from global `iteration`; lr_at(iteration) gives each step's learning rate.
 
-    Steps with a non-finite loss, gradient or solver result are skipped
-    (counted; `faults` raises after too many in a row). A requested stop ends
-    the epoch after the current batch. Returns a dict: loss, top1, top5 (over
-    the steps taken, all processes), skipped, iteration (the next one), lr
-    (the last used), rel_residual (mean relative adjoint residual), stopped.
+    Steps with a non-finite loss, gradient or solver result are skipped, and
+    the buffers they moved put back (counted; `faults` raises after too many
+    in a row). A requested stop ends the epoch after the current batch.
+    Returns a dict: loss, top1, top5 (over the steps taken, all processes),
+    skipped, iteration (the next one), lr (the last used), rel_residual (mean
+    relative adjoint residual), stopped.
     """
     model.train()
     net = distributed.unwrap(model)
@@ -175,6 +197,8 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
         lr = lr_at(iteration)
         set_lr(optimizer, lr)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        # The forward moves BN statistics: a NaN batch would leave them NaN for good.
+        buffers = snapshot_buffers(net)
         with autocast(device, amp):
             outputs = model(inputs)
             loss = criterion(outputs, targets)
@@ -185,10 +209,11 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
                                            ctx, device)
         if bad:
             optimizer.zero_grad(set_to_none=True)
+            restore_buffers(net, buffers)
             skipped += 1
             if ctx.is_main:
-                print(f'warning: {title}, batch {i + 1}: non-finite loss, gradient or solver result; '
-                      f'optimizer step skipped', file=sys.stderr)
+                warn(f'warning: {title}, batch {i + 1}: non-finite loss, gradient or solver result; '
+                     f'optimizer step skipped', bar)
             faults.bad(f'{title}, batch {i + 1}')
         else:
             optimizer.step()
@@ -279,12 +304,38 @@ def inherit_args(args, explicit, saved):
     return taken
 
 
-def refuse_existing_run(folder):
-    """Raise RunError if a new run would write over the log or checkpoints of another run in folder."""
-    found = [name for name in (LOG_NAME, CHECKPOINT_NAME, BEST_NAME) if os.path.exists(os.path.join(folder, name))]
+def refuse_existing_run(folder, names=(LOG_NAME, CHECKPOINT_NAME, BEST_NAME), keep=None):
+    """Raise RunError if a run would write over the log or checkpoints of another run in folder.
+
+    Only the files in names count, and never the file keep (the checkpoint being resumed).
+    """
+    found = [name for name in names if os.path.exists(os.path.join(folder, name))
+             and not (keep and same_file(os.path.join(folder, name), keep))]
     if found:
         raise RunError(f'{folder} already holds a run ({", ".join(found)}): continue it with '
                        f'--resume {os.path.join(folder, CHECKPOINT_NAME)}, or choose another folder with -c')
+
+
+def same_file(a, b):
+    """True when paths a and b name one existing file or folder."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_run_folder(folder, resume, foreign):
+    """Refuse a training run's folder if writing there would overwrite another run's files.
+
+    A new run needs a folder without a run. A resumed run continues in its
+    checkpoint's folder, or starts in a folder without a run; a checkpoint of
+    the paper's release (`foreign`) continues in its own folder only if no log
+    or other checkpoint is there.
+    """
+    if not resume or not same_file(folder, os.path.dirname(os.path.abspath(resume))):
+        refuse_existing_run(folder)
+    elif foreign:
+        refuse_existing_run(folder, keep=resume)
 
 
 def model_args_of(args, num_classes):
@@ -305,10 +356,15 @@ def device_line(device, ctx, train_batch):
     return text
 
 
+def is_foreign(ckpt):
+    """True for a checkpoint with an epoch but without this project's iteration and RNG state (the paper's release)."""
+    return 'epoch' in ckpt and 'iteration' not in ckpt and 'rng' not in ckpt
+
+
 def check_resumable(ckpt, path):
-    """Raise CheckpointError unless ckpt holds this project's training state."""
+    """Raise CheckpointError unless ckpt holds this project's training state, or is a foreign one with an epoch."""
     missing = [key for key in ('epoch', 'optimizer', 'iteration', 'rng') if key not in ckpt]
-    if missing:
+    if missing and not is_foreign(ckpt):
         raise CheckpointError(f'{path} has no training state of this project ({", ".join(missing)} missing); '
                               f'it can only be evaluated with -e')
 
@@ -327,6 +383,53 @@ def restore_training(ckpt, path, optimizer, ctx):
         # More processes than when it was saved: the newcomers get fresh, distinct streams.
         seed_everything(ckpt['seed'] + ctx.rank + ckpt['epoch'] * ctx.world_size)
     return ckpt['epoch'], ckpt['iteration'], ckpt['best_acc']
+
+
+def optimizer_mismatch(optimizer, saved):
+    """Why the optimizer state `saved` does not fit `optimizer`, or None if it does.
+
+    It fits when it has the same groups and parameter counts, and each
+    parameter's state holds only what this optimizer keeps, shaped like the parameter.
+    """
+    kept = OPTIMIZER_STATE[type(optimizer).__name__]
+    try:
+        groups, states = saved['param_groups'], saved['state']
+        if [len(g['params']) for g in groups] != [len(g['params']) for g in optimizer.param_groups]:
+            return 'other parameter groups'
+        for group, own in zip(groups, optimizer.param_groups):
+            for index, param in zip(group['params'], own['params']):
+                state = states.get(index, {})
+                if not set(state) <= kept:
+                    return f'it holds {", ".join(sorted(set(state) - kept))}, not {type(optimizer).__name__} state'
+                if any(torch.is_tensor(v) and v.dim() and v.shape != param.shape for v in state.values()):
+                    return 'other parameter shapes'
+    except (KeyError, TypeError, AttributeError):
+        return 'not an optimizer state'
+    return None
+
+
+def restore_foreign(ckpt, path, optimizer, batches, seed, ctx, say):
+    """Load what a checkpoint of the paper's release holds; return (next epoch, global iteration, best accuracy).
+
+    The optimizer state is taken if it fits (this run's flags keep their
+    hyperparameters); the iteration is epoch × batches per epoch; the random
+    generators start afresh from seed, since the file has no RNG state.
+    """
+    epoch = int(ckpt['epoch'])
+    saved = ckpt.get('optimizer')
+    why = 'none in the file' if saved is None else optimizer_mismatch(optimizer, saved)
+    if why is None:
+        flags = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+        optimizer.load_state_dict(saved)
+        for group, own in zip(optimizer.param_groups, flags):
+            group.update(own)
+    else:
+        say(f'warning: {path}: optimizer state not used ({why}); starting from a fresh one', file=sys.stderr)
+    say(f'warning: {path} holds no random-number state (not saved by this project); '
+        f'fresh streams from --manualSeed {seed}', file=sys.stderr)
+    seed_everything(seed + ctx.rank)
+    best = ckpt.get('best_acc', ckpt.get('acc'))
+    return epoch, epoch * batches, None if best is None else float(best)
 
 
 def save_state(state, is_best, folder, ctx, device):
@@ -354,11 +457,18 @@ def open_log(folder, title, resuming):
 
 
 def make_folder(folder):
-    """Create the checkpoint folder (and parents)."""
+    """Create the checkpoint folder (and parents) and make sure files can be written there."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+    # Found now rather than at the end of the first epoch, which can take hours.
+    probe = os.path.join(folder, f'.write-test.{os.getpid()}.tmp')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write in {folder}: {exc.strerror or exc}') from exc
 
 
 @dataclass
@@ -395,10 +505,10 @@ class Run:
         folder = args.checkpoint
         if args.resume and 'checkpoint' not in self.explicit:
             folder = os.path.dirname(os.path.abspath(args.resume))
-        if ckpt is None:
-            refuse_existing_run(folder)
+        if not args.evaluate:
+            check_run_folder(folder, args.resume, ckpt is not None and is_foreign(ckpt))
         device = self.start_up()
-        train_set, test_set, num_classes = get_datasets(args.dataset, args.path, time_step=args.time_step)
+        train_set, test_set, num_classes = self.load_data(device)
         train_loader, test_loader, train_sampler = build_loaders(
             train_set, test_set, args.train_batch, args.test_batch, args.workers,
             distributed=self.ctx.enabled, seed=args.manualSeed)
@@ -421,13 +531,29 @@ class Run:
         args = self.args
         if args.manualSeed is None:
             # Recorded in the flags, so that a resumed run keeps the same data order.
-            args.manualSeed = random.SystemRandom().randrange(2 ** 31)
+            # Rank 0's on every process: the processes split the data order this seed shuffles.
+            args.manualSeed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31), self.ctx)
         seed_everything(args.manualSeed + self.ctx.rank)
         device = distributed.device_for(self.ctx)
         self.say(cli.neuron_line(args.leaky))
         self.say(device_line(device, self.ctx, args.train_batch))
         self.say(f'Seed: {args.manualSeed}')
         return device
+
+    def load_data(self, device):
+        """(train set, test set, number of classes); one process per machine fetches or unpacks missing files
+        before the others read them, so that no two processes write the same file."""
+        args, ctx = self.args, self.ctx
+        sets, error = None, None
+        if ctx.local_rank == 0:
+            try:
+                sets = get_datasets(args.dataset, args.path, time_step=args.time_step)
+            except DataError as exc:
+                error = exc
+        (failed,) = distributed.any_all([error is not None], ctx, device)
+        if failed:
+            raise error or DataError(f'{args.dataset}: another process could not prepare the data set')
+        return sets if sets is not None else get_datasets(args.dataset, args.path, time_step=args.time_step)
 
     def build(self, model_args, ckpt):
         """The network, with the checkpoint's weights if there is one."""
@@ -465,9 +591,14 @@ class Run:
         start_epoch, iteration, best_acc = args.start_epoch, 0, None
         if ckpt is not None:
             # Last: everything before may draw random numbers that the saved state already accounts for.
-            start_epoch, iteration, best_acc = restore_training(ckpt, args.resume, loop.optimizer, self.ctx)
+            if is_foreign(ckpt):
+                start_epoch, iteration, best_acc = restore_foreign(
+                    ckpt, args.resume, loop.optimizer, len(loop.train_loader), args.manualSeed, self.ctx, self.say)
+            else:
+                start_epoch, iteration, best_acc = restore_training(ckpt, args.resume, loop.optimizer, self.ctx)
+            best = 'none' if best_acc is None else f'{best_acc:.2f}'
             self.say(f'Resuming from {args.resume}: epoch {start_epoch + 1}, iteration {iteration}, '
-                     f'best accuracy {best_acc:.2f}')
+                     f'best accuracy {best}')
         if start_epoch >= args.epochs:
             self.say(f'Nothing to do: {start_epoch} of --epochs {args.epochs} already done; '
                      f'pass a larger --epochs to train further')

@@ -1,0 +1,312 @@
+"""torchrun end to end: two CPU processes (Gloo) train fashion_mlp on a tiny Fashion-MNIST in the real format.
+
+Each process runs the unchanged script through a small launcher (LAUNCHER,
+written next to the run) that records what the process trained on and saves
+its final network; the tests compare the processes with each other, with
+what rank 0 wrote, and with single-process runs of the same checkpoints.
+"""
+import gzip
+import importlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
+
+from tests import fakedata
+from utils.data import ShardSampler
+
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason='torch.distributed with Gloo is not available'),
+              # In-process runs on one thread too, like each torchrun process (OMP_NUM_THREADS=1).
+              pytest.mark.usefixtures('single_thread')]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = 'fashion_mlp'
+WORLD = 2
+TRAIN_BATCH = 8
+N_TRAIN = 64  # 32 per process: 4 steps of TRAIN_BATCH, no padding, so the two shares partition the set
+STEPS = N_TRAIN // WORLD // TRAIN_BATCH
+# Odd on purpose: the processes get 19 and 18 test images and evaluation must count each image once
+# (a padding sampler would count one twice and report another accuracy than a single process does).
+N_TEST = 37
+FLAGS = ['--dataset', 'fashionmnist', '-j', '0', '--time_step', '2', '--train-batch', TRAIN_BATCH,
+         '--test-batch', 16]
+RUN_FILES = {'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'log.png'}
+TIMEOUT_S = 150
+
+LAUNCHER = '''\
+"""Run one process of a training script under torchrun and record what it trained on (test helper)."""
+import importlib
+import os
+import sys
+import time
+
+repo, script, out = sys.argv[1:4]
+rank = int(os.environ['RANK'])
+# Each process's stdout and stderr in files of its own.
+for fd, name in ((1, 'out'), (2, 'err')):
+    os.dup2(os.open(os.path.join(out, f'{name}{rank}.txt'), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+sys.path.insert(0, repo)
+
+import progress
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from utils import distributed, train
+
+# Draw the progress bars although stderr is a file, so that the test sees which process draws them.
+progress.Infinite.check_tty = False
+record = {'indices': [], 'data_calls': []}
+real_train_epoch, real_get_datasets = train.train_epoch, train.get_datasets
+
+
+def train_epoch(model, loader, *args, **kwargs):
+    """Keep the network and its starting weights; note this epoch's sample indices (the sampler's own RNG)."""
+    net = distributed.unwrap(model)
+    if 'net' not in record:
+        record['net'] = net
+        record['start'] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        record['wrapped'] = type(model).__name__
+    assert isinstance(loader.sampler, DistributedSampler)
+    record['indices'].append(list(loader.sampler))
+    return real_train_epoch(model, loader, *args, **kwargs)
+
+
+def get_datasets(*args, **kwargs):
+    """Note when this process read (or prepared) the data set; rank 0 takes a second longer, as a download would."""
+    started = time.time()
+    if rank == 0:
+        time.sleep(1)
+    try:
+        return real_get_datasets(*args, **kwargs)
+    finally:
+        record['data_calls'].append((started, time.time()))
+
+
+train.train_epoch, train.get_datasets = train_epoch, get_datasets
+result = importlib.import_module(script).main(sys.argv[4:])
+sys.stdout.flush()
+torch.save({'state': record['net'].state_dict(), 'start': record['start'], 'wrapped': record['wrapped'],
+            'indices': record['indices'], 'data_calls': record['data_calls'], 'result': result},
+           os.path.join(out, f'rank{rank}.pt'))
+'''
+
+
+# ---------------------------------------------------------------- helpers
+
+def gzip_only(raw):
+    """Replace every file in raw with its .gz copy, as downloaded: the processes must unpack them."""
+    for name in os.listdir(raw):
+        path = os.path.join(raw, name)
+        with open(path, 'rb') as src, gzip.open(path + '.gz', 'wb') as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(path)
+
+
+def torchrun(tmp, name, argv):
+    """Run SCRIPT's main(argv) in WORLD processes; return {'out', 'err', 'saved'} per rank, by rank."""
+    out = tmp / name
+    out.mkdir()
+    launcher = tmp / 'launch.py'
+    launcher.write_text(LAUNCHER)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env.pop('WORLD_SIZE', None)
+    # A session of its own, so that a run past the timeout ends with all its processes.
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                             str(WORLD), str(launcher), REPO, SCRIPT, str(out), *map(str, argv)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f'torchrun took more than {TIMEOUT_S}s')
+    ranks = []
+    for rank in range(WORLD):
+        texts = {kind: read_text(out / f'{kind}{rank}.txt') for kind in ('out', 'err')}
+        saved = out / f'rank{rank}.pt'
+        assert proc.returncode == 0 and saved.is_file(), \
+            f'rank {rank} failed (torchrun exit {proc.returncode}):\n{texts["err"]}\n{log[-3000:]}'
+        ranks.append(dict(texts, saved=torch.load(saved, weights_only=False)))
+    return ranks
+
+
+def read_text(path):
+    """A file's text, '' if it is not there."""
+    return path.read_text() if path.is_file() else ''
+
+
+def run_main(argv):
+    """SCRIPT's main(argv) in this process (a group of one)."""
+    return importlib.import_module(SCRIPT).main(list(map(str, argv)))
+
+
+def load(path):
+    """A checkpoint as the scripts load it."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def log_rows(folder):
+    """The numbers of each data row of folder/log.txt."""
+    with open(folder / 'log.txt', encoding='utf-8') as f:
+        return [[float(v) for v in line.split('\t')] for line in f.read().splitlines()[1:]]
+
+
+def fakedata_labels(root, split):
+    """The labels of a split of the fake Fashion-MNIST under root."""
+    path = root / 'FashionMNIST' / 'raw' / f'{split}-labels-idx1-ubyte'
+    return list(path.read_bytes()[8:])
+
+
+def epoch_lines(text):
+    """(test accuracy, best accuracy) of each epoch summary printed in text."""
+    return [(float(a), float(b)) for a, b in re.findall(r'test loss \S+ acc (\S+)\s+best (\S+)', text)]
+
+
+def assert_same_state(a, b):
+    """Two state_dicts hold the same names and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f'differ between the processes: {different}'
+
+
+def assert_only_rank0_spoke(ranks):
+    """Rank 0 printed the run and drew the progress bars; every other rank printed nothing at all."""
+    assert 'Epoch ' in ranks[0]['out'] and 'Best accuracy' in ranks[0]['out']
+    assert re.search(rf'Epoch \d+/\d+ .*\({STEPS}/{STEPS}\)', ranks[0]['err']) and 'Test ' in ranks[0]['err']
+    for number, rank in enumerate(ranks[1:], 1):
+        assert rank['out'] == '' and rank['err'] == '', f'rank {number} printed:\n{rank["out"]}{rank["err"]}'
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """Fake Fashion-MNIST, N_TRAIN / N_TEST images, only as .gz archives."""
+    root = tmp_path_factory.mktemp('data')
+    gzip_only(fakedata.make_mnist(str(root), n_train=N_TRAIN, n_test=N_TEST, kind='FashionMNIST'))
+    return root
+
+
+@pytest.fixture(scope='module')
+def ddp_run(data_root, tmp_path_factory):
+    """One epoch under torchrun, without --manualSeed (the processes must agree on the random one)."""
+    tmp = tmp_path_factory.mktemp('ddp')
+    folder = tmp / 'run'
+    ranks = torchrun(tmp, 'ranks', FLAGS + ['--path', data_root, '-c', folder, '--epochs', 1])
+    return folder, ranks
+
+
+# ---------------------------------------------------------------- tests
+
+def test_shards_cover_the_test_set_once():
+    """The evaluation sampler gives every sample to exactly one process, without the repeats that
+    DistributedSampler pads an uneven set with, and in order."""
+    data = list(range(N_TEST))
+    shards = [list(ShardSampler(data, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(ShardSampler(data, num_replicas=3, rank=r)) for r in range(3)] == [13, 12, 12]
+    assert sorted(sum(shards, [])) == data and all(s == sorted(s) for s in shards)
+    assert isinstance(ShardSampler(data, num_replicas=3, rank=0), DistributedSampler)
+
+
+def test_processes_end_with_identical_networks(ddp_run):
+    """After the training steps every process holds the same weights and buffers, and they moved.
+
+    The processes trained on different halves of the data (checked in
+    test_processes_split_each_epochs_data), so equality means DDP averaged
+    their gradients; a missing wrapper or reduction would let them drift apart.
+    """
+    _, ranks = ddp_run
+    saved = [rank['saved'] for rank in ranks]
+    assert all(s['wrapped'] == 'DistributedDataParallel' for s in saved)
+    assert_same_state(saved[0]['start'], saved[1]['start'])
+    assert_same_state(saved[0]['state'], saved[1]['state'])
+    start, end = saved[0]['start'], saved[0]['state']
+    assert any(v.is_floating_point() and not torch.equal(v, start[k]) for k, v in end.items()), \
+        'training changed no weight'
+
+
+def test_processes_split_each_epochs_data(ddp_run, data_root):
+    """The two processes see disjoint halves of the training set (so their first batches differ), which
+    also shows that they drew the same data order from the same (random, not typed) seed."""
+    folder, ranks = ddp_run
+    (first,), (second,) = (rank['saved']['indices'] for rank in ranks)
+    assert len(first) == len(second) == N_TRAIN // WORLD
+    assert sorted(first + second) == list(range(N_TRAIN))
+    targets = torch.tensor(fakedata_labels(data_root, 'train'))
+    assert not torch.equal(targets[first[:TRAIN_BATCH]], targets[second[:TRAIN_BATCH]])
+    ckpt = load(folder / 'checkpoint.pth.tar')
+    printed = re.search(r'Seed: (\d+)', ranks[0]['out']).group(1)
+    assert ckpt['seed'] == ckpt['args']['manualSeed'] == int(printed)
+    assert len(ckpt['rng']) == WORLD
+
+
+def test_only_rank0_writes_and_prints(ddp_run, data_root):
+    """The checkpoint folder holds exactly one run's files; the data folder only the unpacked archives, with
+    the second process reading them after the first had unpacked them; only rank 0 printed anything."""
+    folder, ranks = ddp_run
+    assert set(os.listdir(folder)) == RUN_FILES
+    assert len(log_rows(folder)) == 1
+    raw = data_root / 'FashionMNIST' / 'raw'
+    names = {'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'}
+    assert set(os.listdir(raw)) == names | {name + '.gz' for name in names}
+    (calls0,), (calls1,) = (rank['saved']['data_calls'] for rank in ranks)
+    assert calls1[0] >= calls0[1], 'rank 1 read the data set while rank 0 was still preparing it'
+    assert_only_rank0_spoke(ranks)
+
+
+def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, data_root, capsys):
+    """The accuracy rank 0 printed, logged and stored (over 19 + 18 test images) is what a single process
+    evaluating the checkpoint gets over all 37."""
+    folder, ranks = ddp_run
+    ckpt = load(folder / 'checkpoint.pth.tar')
+    (printed, best), = epoch_lines(ranks[0]['out'])
+    logged = log_rows(folder)[0][4]
+    assert ckpt['best_acc'] == ckpt['acc']
+    capsys.readouterr()
+    result = run_main(['-e', '--resume', folder / 'checkpoint.pth.tar', '--path', data_root, '-j', '0'])
+    alone = float(re.search(r'Test Acc: (\S+)', capsys.readouterr().out).group(1))
+    assert result['acc'] == pytest.approx(ckpt['acc'], abs=1e-9)
+    assert round(ckpt['acc'], 2) == printed == best == alone
+    assert logged == pytest.approx(ckpt['acc'], abs=1e-6)
+    # A whole number of images out of N_TEST: nothing was counted twice.
+    assert round(ckpt['acc'] * N_TEST / 100, 6).is_integer()
+
+
+def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
+    """A checkpoint written under torchrun continues in a plain single process, appending one log row."""
+    folder, _ = ddp_run
+    copy = tmp_path / 'run'
+    shutil.copytree(folder, copy)
+    run_main(['--resume', copy / 'checkpoint.pth.tar', '--epochs', 2, '-j', '0'])
+    assert set(os.listdir(copy)) == RUN_FILES
+    assert len(log_rows(copy)) == 2
+    ckpt = load(copy / 'checkpoint.pth.tar')
+    assert ckpt['epoch'] == 2 and ckpt['args']['time_step'] == 2 and len(ckpt['rng']) == 1
+
+
+def test_single_process_checkpoint_resumes_under_torchrun(data_root, tmp_path):
+    """A single-process checkpoint continues under torchrun: one more log row from rank 0 alone, the
+    processes identical at the end, and the new checkpoint holds both processes' random states."""
+    folder = tmp_path / 'run'
+    run_main(FLAGS + ['--path', data_root, '-c', folder, '--epochs', 1, '--manualSeed', 0])
+    ranks = torchrun(tmp_path, 'ranks', ['--resume', folder / 'checkpoint.pth.tar', '--epochs', 2])
+    assert set(os.listdir(folder)) == RUN_FILES
+    assert len(log_rows(folder)) == 2
+    ckpt = load(folder / 'checkpoint.pth.tar')
+    assert ckpt['epoch'] == 2 and ckpt['seed'] == 0 and len(ckpt['rng']) == WORLD
+    assert_same_state(ranks[0]['saved']['state'], ranks[1]['saved']['state'])
+    assert_same_state(ranks[0]['saved']['state'], ckpt['state_dict'])
+    # Both started from the single-process weights and took the resumed epoch's half of the data.
+    (first,), (second,) = (rank['saved']['indices'] for rank in ranks)
+    assert sorted(first + second) == list(range(N_TRAIN))
+    assert 'Resuming from' in ranks[0]['out'] and epoch_lines(ranks[0]['out'])[0][0] == round(ckpt['acc'], 2)
+    assert_only_rank0_spoke(ranks)
