@@ -31,4 +31,6 @@ def accuracy(output, target, topk=(1,)):
         maxk = max(topk)
         _, pred = output.topk(maxk, dim=1, largest=True, sorted=True)
         correct = pred.eq(target.view(-1, 1))
-        return [correct[:, :k].any(dim=1).float().mean() * 100.0 for k in topk]
+        # float64: a mean over a batch, re-weighted by its size, must add up to the same accuracy
+        # however the test set is split into batches or processes.
+        return [correct[:, :k].any(dim=1).double().mean() * 100.0 for k in topk]
