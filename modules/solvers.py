@@ -76,11 +76,9 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     nstep = 0
     while nstep < max_iter and not residual < stop:
         Us, VTs = U[:, :filled], VT[:, :filled]
-        dy = -Hg                                                 # the Newton step -H g
-        y_new = y + dy
+        y_new = y - Hg                                           # the Newton step Δy = -H g
         g_new = func(y_new) - y_new
-        dg = g_new - gy
-        y, gy = y_new, g_new
+        y, g_old, gy = y_new, gy, g_new
         nstep += 1
 
         sample_res = _norms(gy)
@@ -94,23 +92,29 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
         # y is never modified in place, so when every sample improved it can be kept without a copy.
         best_y = y if all_better else torch.where(better[:, None], y, best_y)
 
-        Hg_new = _low_rank_update(gy, gy, VTs, Us, beta=-1.0)   # H g_new, before the update
-        vT = _low_rank_update(dy, dy, Us, VTs, beta=-1.0)       # Δyᵀ H
-        denom = torch.linalg.vecdot(vT, dg)[:, None]            # Δyᵀ H Δg
-        u = dy - (Hg_new - Hg)                                  # Δy - H Δg
+        # Since Δy = -H g, the new term's u = Δy - H Δg = -H g_new: no separate H Δg is needed.
+        Hg_new = _low_rank_update(gy, gy, VTs, Us, beta=-1.0)          # H g_new, before the update
+        vT = _low_rank_update(Hg, Hg, Us, VTs, alpha=-1.0)             # Δyᵀ H = -(H g)ᵀ H
+        v_g_new = torch.linalg.vecdot(vT, gy)[:, None]
+        denom = v_g_new - torch.linalg.vecdot(vT, g_old)[:, None]      # Δyᵀ H Δg
         # A zero or non-finite denominator drops the sample's update instead of storing inf/NaN.
         usable = (denom != 0) & torch.isfinite(denom)
         scale = torch.where(usable, 1.0 / torch.where(usable, denom, torch.ones_like(denom)), torch.zeros_like(denom))
         slot = (nstep - 1) % memory
-        if filled == memory:  # the oldest term leaves H
-            Hg_new = Hg_new - U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
-        torch.mul(u, scale, out=U[:, slot])
+        evicting = filled == memory
+        if evicting:  # the oldest term leaves H: its share of H g_new goes too
+            Hg = Hg_new - U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
+        torch.mul(Hg_new, -scale, out=U[:, slot])                      # u = -H g_new / (Δyᵀ H Δg)
         VT[:, slot] = vT
         if any_bad:  # non-finite iterates must not reach the stored terms
             U[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             VT[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         filled = min(filled + 1, memory)
-        Hg = Hg_new + U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
+        # H_new g_new = H g_new + u (vᵀ g_new), a per-sample multiple of H g_new unless a term left.
+        if evicting or any_bad:
+            Hg = (Hg if evicting else Hg_new) + U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
+        else:
+            Hg = Hg_new * (1.0 - scale * v_g_new)
         # A diverged sample restarts from its best iterate.
         if any_bad:
             y = torch.where(bad[:, None], best_y, y)
