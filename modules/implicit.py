@@ -19,7 +19,7 @@ class ImplicitGradient(torch.autograd.Function):
     Arguments of `apply`: z (f applied at the state, with autograd), rate (the
     simulated rate, the output's value), f_point/point (f and the point at which
     J is taken: point is a leaf with requires_grad, f_point = f(point)), solve
-    (a function of (func, y0) returning (y, info)), y0_like_v (True: start the
+    (a function of (func, y0, f0=None) returning (y, info)), y0_like_v (True: start the
     solve from v, as the damped iteration does; False: from zero), record (a
     function receiving the solver's info).
     """
@@ -40,8 +40,10 @@ class ImplicitGradient(torch.autograd.Function):
                 (yJ,) = torch.autograd.grad(f_point, point, y.reshape(shape), retain_graph=True)
             return v_flat + yJ.reshape(shape[0], -1)
 
-        y0 = v_flat if ctx.start_from_v else torch.zeros_like(v_flat)
-        y, info = ctx.solve(adjoint_map, y0)
+        if ctx.start_from_v:
+            y, info = ctx.solve(adjoint_map, v_flat)
+        else:  # from y = 0, where the map's value v needs no vector-Jacobian product
+            y, info = ctx.solve(adjoint_map, torch.zeros_like(v_flat), f0=v_flat)
         v_norm = float(v_flat.norm())
         info["rel_residual"] = info["residual"] / v_norm if v_norm > 0 else 0.0
         ctx.record(info)

@@ -205,8 +205,8 @@ class FeedbackSNN(nn.Module):
         return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.solver == "iter",
                                       self._record)
 
-    def _solve(self, func, y0):
-        return self._solve_fn(func, y0, max_iter=self.threshold, tol=self.tol)
+    def _solve(self, func, y0, f0=None):
+        return self._solve_fn(func, y0, max_iter=self.threshold, tol=self.tol, f0=f0)
 
     def _record(self, info):
         self.solver_stats = info

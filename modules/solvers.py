@@ -1,10 +1,11 @@
 """Batched fixed-point solvers for the adjoint equation y = v + y·J.
 
-Contract shared by every solver: `solve(func, y0, max_iter, tol) -> (y, info)`
-finds a fixed point y = func(y) of a batched map on (B, n) tensors. `info`
-holds `nstep` (iterations taken), `residual` (‖func(y) - y‖ of the returned
-iterate over the whole batch), `init_residual` (the same at y0) and `trace`
-(the residual after each iteration).
+Contract shared by every solver: `solve(func, y0, max_iter, tol, f0=None) -> (y, info)`
+finds a fixed point y = func(y) of a batched map on (B, n) tensors; `f0`, when
+the caller knows it, is func(y0) (e.g. v for the adjoint map at y0 = 0), which
+saves one evaluation. `info` holds `nstep` (iterations taken), `nfev` (calls of
+func), `residual` (‖func(y) - y‖ of the returned iterate over the whole batch),
+`init_residual` (the same at y0) and `trace` (the residual after each iteration).
 
 `tol=None` keeps the paper's stopping rule: run `max_iter` iterations unless the
 whole-batch residual falls below 2e-10·sqrt(numel), i.e. practically never stop
@@ -41,12 +42,12 @@ def _stop_level(init_residual, numel, tol):
     return tol * init_residual
 
 
-def _info(nstep, trace):
+def _info(nstep, nfev, trace):
     """The info dict every solver returns."""
-    return {"nstep": nstep, "residual": trace[-1], "init_residual": trace[0], "trace": trace}
+    return {"nstep": nstep, "nfev": nfev, "residual": trace[-1], "init_residual": trace[0], "trace": trace}
 
 
-def broyden(func, y0, max_iter=30, tol=None, memory=27):
+def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     """Limited-memory Broyden's (good) method for y = func(y); returns the lowest-residual iterate.
 
     Solves g(y) = func(y) - y = 0 per sample. The inverse Jacobian of g is
@@ -66,7 +67,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
     # stored terms twice, for H g_new and Δyᵀ H, rather than three times.
 
     y = y0
-    gy = func(y) - y
+    gy = (func(y) if f0 is None else f0) - y
     Hg = -gy
     sample_res = _norms(gy)
     best_y, best_res = y.clone(), sample_res.clone()
@@ -120,10 +121,10 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27):
             y = torch.where(bad[:, None], best_y, y)
             gy = torch.where(bad[:, None], torch.zeros_like(gy), gy)
             Hg = torch.where(bad[:, None], torch.zeros_like(Hg), Hg)
-    return best_y, _info(nstep, trace)
+    return best_y, _info(nstep, nstep + (f0 is None), trace)
 
 
-def fixed_point_iter(func, y0, max_iter=30, tol=None):
+def fixed_point_iter(func, y0, max_iter=30, tol=None, f0=None):
     """Damped fixed-point iteration y ← y + ½·(func(y) - y); returns the last iterate.
 
     With r(y) = func(y) - y the residual of y = v + y·J, the fixed point of this
@@ -131,7 +132,7 @@ def fixed_point_iter(func, y0, max_iter=30, tol=None):
     y ← (y + r(y))/2, whose fixed point is v(2I - J)⁻¹ instead of v(I - J)⁻¹.)
     """
     y = y0
-    r = func(y) - y
+    r = (func(y) if f0 is None else f0) - y
     residual = float(r.norm())
     stop = _stop_level(residual, r.numel(), tol)
     trace = [residual]
@@ -142,7 +143,7 @@ def fixed_point_iter(func, y0, max_iter=30, tol=None):
         r = func(y) - y
         residual = _finite_or_inf(float(r.norm()))
         trace.append(residual)
-    return y, _info(nstep, trace)
+    return y, _info(nstep, nstep + (f0 is None), trace)
 
 
 SOLVERS = {"broyden": broyden, "iter": fixed_point_iter}

@@ -74,7 +74,7 @@ def test_timed_f_part_gives_the_steps_gradients(name):
     step.capture()
     info = step.solve()
     assert info["trace"] == trace
-    assert torch.equal(step.net_solve(step.adjoint_map, step.y0)[0], y)
+    assert torch.equal(step.net_solve(step.adjoint_map, step.y0, f0=step.f0)[0], y)
 
 
 def test_parts_leave_the_model_as_it_was():

@@ -112,9 +112,9 @@ def train_epoch(model, loader, *args, **kwargs):
 real_solve = FeedbackSNN._solve
 
 
-def solve(self, func, y0):
+def solve(self, func, y0, f0=None):
     # The chosen adjoint solves report a NaN residual; their result is left as it is.
-    y, info = real_solve(self, func, y0)
+    y, info = real_solve(self, func, y0, f0=f0)
     count['solve'] += 1
     if count['solve'] in spec.get('bad_solves', ()):
         info = dict(info, residual=math.nan)

@@ -8,12 +8,13 @@ A training step (DESIGN.md §3) is split into four parts, each timed alone
 - f:     F(x̄), z = f(a) (and f at the Jacobian point of multi-layer nets),
          the classifier and the loss with autograd, then the backward to the
          parameters with the adjoint solution y given;
-- solve: the adjoint solve y = v + y·J on that graph. It takes n iterations;
-         the solver evaluates the adjoint map y ↦ v + y·J (one vector-Jacobian
-         product of f) n + 1 times (the initial residual, then once per
-         iteration), so `ms/iter` is solve ms / (n + 1) and `iter/VJP` compares
-         it with one evaluation of the adjoint map timed alone (`ms/VJP`): the
-         excess is the solver's own overhead;
+- solve: the adjoint solve y = v + y·J on that graph. It takes n iterations,
+         each evaluating the adjoint map y ↦ v + y·J (one vector-Jacobian
+         product of f) once (the damped iteration, started from v, evaluates it
+         once more for its initial residual; the solver reports the count as
+         `nfev`), so `ms/iter` is solve ms / nfev and `iter/VJP` compares it with
+         one evaluation of the adjoint map timed alone (`ms/VJP`): the excess is
+         the solver's own overhead;
 - optim: the optimizer step (SGD, momentum 0.9, weight decay 5e-4);
 
 then the whole step as the training loop runs it (`step`); `step/parts` is
@@ -134,18 +135,18 @@ class TrainingStep:
             loss.backward(retain_graph=retain_graph)
         return loss.detach()
 
-    def solve_and_keep(self, func, y0):
+    def solve_and_keep(self, func, y0, f0=None):
         """The net's adjoint solve, keeping its answer for `given_solution`."""
-        self.y, self.info = self.net_solve(func, y0)
+        self.y, self.info = self.net_solve(func, y0, f0=f0)
         return self.y, self.info
 
-    def given_solution(self, func, y0):
+    def given_solution(self, func, y0, f0=None):
         """The stored adjoint solution, in place of a solve."""
         return self.y, self.info
 
-    def keep_map(self, func, y0):
+    def keep_map(self, func, y0, f0=None):
         """Keep the adjoint map and start of this backward for `solve`/`vjp`; answer with the stored solution."""
-        self.adjoint_map, self.y0 = func, y0
+        self.adjoint_map, self.y0, self.f0 = func, y0, f0
         return self.y, self.info
 
     def by_parts(self):
@@ -161,7 +162,7 @@ class TrainingStep:
 
     def solve(self):
         """Part solve: the adjoint solve on the captured graph; returns the solver's info."""
-        return self.net_solve(self.adjoint_map, self.y0)[1]
+        return self.net_solve(self.adjoint_map, self.y0, f0=self.f0)[1]
 
     def vjp(self):
         """One evaluation of the captured adjoint map (one vector-Jacobian product of f)."""
@@ -169,7 +170,7 @@ class TrainingStep:
 
     def release(self):
         """Drop the captured graph."""
-        self.adjoint_map = self.y0 = None
+        self.adjoint_map = self.y0 = self.f0 = None
 
 
 def synchronize(device):
@@ -238,7 +239,7 @@ def time_parts(step, repeats, device):
         info = {}
         runs["solve"].append(time_ms(lambda: info.update(step.solve()), device))
         iterations.append(info["nstep"])
-        runs["iter"].append(runs["solve"][-1] / (info["nstep"] + 1))
+        runs["iter"].append(runs["solve"][-1] / max(info["nfev"], 1))
         # A VJP is short and noisy: the median of several.
         runs["vjp"].append(statistics.median(time_ms(step.vjp, device) for _ in range(VJP_SAMPLES)))
         step.release()
