@@ -66,6 +66,13 @@ PROBABILITY = _number(float, 'a number in [0, 1)', _finite(lambda v: 0 <= v < 1)
 ANY_FLOAT = _number(float, 'a number', math.isfinite)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if '(default:' in (action.help or '') else super()._get_help_string(action)
+
+
 def build_parser(prog, description, defaults, datasets, suppress=False):
     """The shared parser with a script's defaults; suppress=True leaves out every default (to see what was typed)."""
     script = os.path.splitext(os.path.basename(prog))[0]
@@ -75,8 +82,7 @@ def build_parser(prog, description, defaults, datasets, suppress=False):
         """The default of key, or nothing at all."""
         return argparse.SUPPRESS if suppress else d[key]
 
-    p = OneLineParser(prog=prog, description=description,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
     add = p.add_argument
     group = p.add_argument_group('data')
     group.add_argument('-d', '--dataset', default=default('dataset'), choices=datasets)
