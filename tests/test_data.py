@@ -179,63 +179,60 @@ def test_gzipped_idx_files_are_unpacked(tmp_path):
     assert (len(train), len(test)) == (20, 10)
 
 
-def test_bad_idx_magic_names_the_file(tmp_path):
-    raw = fakedata.make_mnist(str(tmp_path))
-    path = os.path.join(raw, 'train-images-idx3-ubyte')
+def overwrite_start(path, data):
+    """Write data over the first bytes of a file."""
     with open(path, 'r+b') as f:
-        f.write(b'\x00\x00\x08\x02')
-    with pytest.raises(DataError, match='bad IDX magic number 0x00000802') as info:
-        get_datasets('mnist', str(tmp_path), download=False)
-    assert path in str(info.value)
+        f.write(data)
 
 
-def test_idx_size_mismatch_names_the_file(tmp_path):
-    raw = fakedata.make_mnist(str(tmp_path))
-    path = os.path.join(raw, 't10k-images-idx3-ubyte')
+def append_bytes(path, data):
+    """Add bytes at the end of a file."""
     with open(path, 'ab') as f:
-        f.write(b'\x00' * 7)
-    with pytest.raises(DataError, match='implies') as info:
-        get_datasets('mnist', str(tmp_path), download=False)
-    assert path in str(info.value)
+        f.write(data)
 
 
-def test_label_count_mismatch_names_the_labels_file(tmp_path):
-    raw = fakedata.make_mnist(str(tmp_path))
-    path = os.path.join(raw, 'train-labels-idx1-ubyte')
-    fakedata.write_idx(path, np.zeros(63, dtype=np.uint8))
-    with pytest.raises(DataError, match='63 labels for 64 images') as info:
-        get_datasets('mnist', str(tmp_path), download=False)
-    assert path in str(info.value)
-
-
-def test_cifar_pickle_without_data_names_the_file(tmp_path):
-    folder = fakedata.make_cifar(str(tmp_path))
-    path = os.path.join(folder, 'data_batch_3')
-    fakedata.write_cifar_pickle(path, {b'batch_label': b'x', b'labels': [1, 2]})
-    with pytest.raises(DataError, match="no 'data' entry") as info:
-        get_datasets('cifar10', str(tmp_path), download=False)
-    assert path in str(info.value)
-
-
-def test_cifar100_pickle_without_fine_labels_names_the_file(tmp_path):
-    folder = fakedata.make_cifar(str(tmp_path), num_classes=100)
-    path = os.path.join(folder, 'test')
-    entry = {key.encode(): value for key, value in read_pickle(path).items() if key != 'fine_labels'}
+def drop_key(path, key):
+    """Re-pickle a CIFAR file without one of its entries."""
+    entry = {k.encode(): v for k, v in read_pickle(path).items() if k != key}
     fakedata.write_cifar_pickle(path, entry)
-    with pytest.raises(DataError, match="no 'fine_labels' entry") as info:
-        get_datasets('cifar100', str(tmp_path), download=False)
-    assert path in str(info.value)
 
 
-def test_unreadable_cifar_pickle_names_the_file(tmp_path):
-    folder = fakedata.make_cifar(str(tmp_path))
-    path = os.path.join(folder, 'test_batch')
+def replace_with(path, data):
+    """Replace a file's contents."""
     with open(path, 'wb') as f:
-        f.write(b'not a pickle')
-    with pytest.raises(DataError, match='not a readable pickle') as info:
-        get_datasets('cifar10', str(tmp_path), download=False)
-    assert path in str(info.value)
+        f.write(data)
 
+
+MNIST_RAW = ('MNIST', 'raw')
+CIFAR10_DIR = ('cifar-10-batches-py',)
+CIFAR100_DIR = ('cifar-100-python',)
+# (data set, folder under the root, file, how it is damaged, what the message says)
+MALFORMED = [
+    ('mnist', MNIST_RAW, 'train-images-idx3-ubyte', lambda p: overwrite_start(p, b'\x00\x00\x08\x02'),
+     'bad IDX magic number 0x00000802'),
+    ('mnist', MNIST_RAW, 't10k-images-idx3-ubyte', lambda p: append_bytes(p, b'\x00' * 7), 'implies'),
+    ('mnist', MNIST_RAW, 'train-labels-idx1-ubyte',
+     lambda p: fakedata.write_idx(p, np.zeros(63, dtype=np.uint8)), '63 labels for 64 images'),
+    ('cifar10', CIFAR10_DIR, 'data_batch_3',
+     lambda p: fakedata.write_cifar_pickle(p, {b'batch_label': b'x', b'labels': [1, 2]}), "no 'data' entry"),
+    ('cifar100', CIFAR100_DIR, 'test', lambda p: drop_key(p, 'fine_labels'), "no 'fine_labels' entry"),
+    ('cifar10', CIFAR10_DIR, 'test_batch', lambda p: replace_with(p, b'not a pickle'), 'not a readable pickle'),
+]
+
+
+@pytest.mark.parametrize('name, folder, filename, damage, message', MALFORMED,
+                         ids=[f'{case[0]}-{case[2]}-{case[4][:12]}' for case in MALFORMED])
+def test_malformed_file_is_named_in_one_data_error(tmp_path, name, folder, filename, damage, message):
+    """A damaged IDX or CIFAR file stops loading with a DataError that names the file and the problem."""
+    if name == 'mnist':
+        fakedata.make_mnist(str(tmp_path))
+    else:
+        fakedata.make_cifar(str(tmp_path), num_classes=100 if name == 'cifar100' else 10)
+    path = os.path.join(str(tmp_path), *folder, filename)
+    damage(path)
+    with pytest.raises(DataError, match=message) as info:
+        get_datasets(name, str(tmp_path), download=False)
+    assert path in str(info.value) and '\n' not in str(info.value)
 
 def test_unknown_name_is_a_data_error():
     with pytest.raises(DataError, match='unknown data set'):
