@@ -17,22 +17,24 @@ import math
 import torch
 
 
-def _norms(r):
-    """Per-sample L2 norms of a (B, n) tensor; non-finite rows become +inf."""
-    return r.norm(dim=1).nan_to_num_(nan=math.inf, posinf=math.inf)  # a norm is never -inf
+def _norms_from_squares(squares):
+    """Per-sample L2 norms, as a list of floats, from squared norms (B,); non-finite ones become +inf."""
+    return [math.sqrt(s) if math.isfinite(s) else math.inf for s in squares.tolist()]
+
+
+def _batch_norm(norms):
+    """Whole-batch L2 norm from per-sample norms (floats)."""
+    return math.sqrt(math.fsum(r * r for r in norms))
+
+
+def _mask(flags, like):
+    """A (B, 1) boolean tensor on like's device from B Python booleans."""
+    return torch.tensor(flags, device=like.device)[:, None]
 
 
 def _finite_or_inf(value):
     """value, or +inf where it is NaN or infinite."""
     return value if math.isfinite(value) else math.inf
-
-
-def _low_rank_update(base, x, left, right, beta=1.0, alpha=1.0):
-    """beta·base + alpha·Σ_k (left_k · x) right_k, with left, right (B, k, n) stacks of rows; base, x (B, n)."""
-    # (B, 1, n) @ (B, n, k), then (B, 1, k) @ (B, k, n) fused with the sum: the batched-matrix
-    # layout that CPU BLAS runs at memory speed (the (B, k, n) @ (B, n, 1) form is ~20x slower).
-    coeff = torch.bmm(x[:, None], left.transpose(1, 2))
-    return torch.baddbmm(base[:, None], coeff, right, beta=beta, alpha=alpha).squeeze(1)
 
 
 def _stop_level(init_residual, numel, tol):
@@ -47,80 +49,113 @@ def _info(nstep, nfev, trace):
     return {"nstep": nstep, "nfev": nfev, "residual": trace[-1], "init_residual": trace[0], "trace": trace}
 
 
+def _dots(x, rows):
+    """Per-sample dot products of x (B, n) with a stack of rows (k, B, n): (B, k)."""
+    # (B, 1, n) @ (B, n, k): the batched layout that CPU BLAS runs at memory speed.
+    return torch.bmm(x[:, None], rows.permute(1, 2, 0)).squeeze(1)
+
+
+class _LowRankInverse:
+    """H = -I + Σ_k u_k d_k w_kᵀ, with u_k and w_k held as coefficients over stored residuals.
+
+    Every vector the method forms is a combination of the residuals g_0, g_1, …
+    it has seen (the coefficient vectors are (B, capacity), one entry per g_j),
+    so H and Hᵀ act on coefficients through the Gram matrix gram[j, l] = g_j·g_l
+    alone; only the step itself is formed in R^n. Unused slots have d = 0.
+    """
+
+    def __init__(self, gram, memory):
+        B, capacity, _ = gram.shape
+        self.gram = gram
+        self.u = gram.new_zeros(B, memory, capacity)
+        self.w = gram.new_zeros(B, memory, capacity)
+        self.d = gram.new_zeros(B, memory, 1)
+
+    def apply(self, coeff, transpose=False, gram_coeff=None):
+        """Coefficients of H x (Hᵀ x when transpose) for x with coefficients coeff (B, capacity).
+
+        gram_coeff, if the caller has it, is gram·coeff (x's dot products with the g_j), (B, capacity).
+        """
+        # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients.
+        left, right = (self.u, self.w) if transpose else (self.w, self.u)
+        gram_coeff = torch.bmm(self.gram, coeff[:, :, None]) if gram_coeff is None else gram_coeff[:, :, None]
+        dots = torch.bmm(left, gram_coeff)
+        return torch.baddbmm(coeff[:, :, None], right.transpose(1, 2), self.d * dots, beta=-1.0).squeeze(2)
+
+    def store(self, slot, u, w, d):
+        """Put the term u d wᵀ into `slot`, replacing what was there."""
+        self.u[:, slot], self.w[:, slot], self.d[:, slot, 0] = u, w, d
+
+
 def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     """Limited-memory Broyden's (good) method for y = func(y); returns the lowest-residual iterate.
 
     Solves g(y) = func(y) - y = 0 per sample. The inverse Jacobian of g is
-    approximated as H = -I + U Vᵀ (exact for func ≡ const), updated by
-    H ← H + (Δy - H Δg) Δyᵀ H / (Δyᵀ H Δg) and stored as at most `memory`
-    rank-one terms (oldest overwritten first). The step is the full Newton step
-    -H g (no line search). Non-finite values never reach the stored terms, and
-    a sample whose residual is non-finite keeps its last finite best iterate.
+    approximated as H = -I + Σ_k u_k d_k w_kᵀ (exact for func ≡ const); the
+    good Broyden update H ← H + (Δy - H Δg) Δyᵀ H / (Δyᵀ H Δg) adds the term
+    with u = H g_new, w = Hᵀ Δy and d = -1/(w·Δg) (since Δy = -H g, Δy - H Δg
+    = -H g_new), keeping at most `memory` terms (oldest overwritten first). The
+    step is the full Newton step -H g (no line search). Non-finite values never
+    reach the stored terms, and a sample whose residual is non-finite restarts
+    from its best iterate.
+
+    The residuals g_j are stored, one (B, n) vector per iteration, and u_k, w_k
+    as coefficients over them (see _LowRankInverse): an iteration reads the
+    stored residuals twice, once to form the step and once for the new
+    residual's dot products with them, and otherwise works on (B, k) numbers.
     """
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
-    U = y0.new_empty(B, memory, n)   # rows u_kᵀ
-    VT = y0.new_empty(B, memory, n)  # rows v_kᵀ
-    filled = 0                       # terms stored so far; only these are ever read
-    # With H = -I + U Vᵀ: H x = -x + U (Vᵀ x) and xᵀ H = -xᵀ + (xᵀ U) Vᵀ. H g is carried from one
-    # iteration to the next (updated by the new rank-one term), so each iteration applies the
-    # stored terms twice, for H g_new and Δyᵀ H, rather than three times.
+    residuals = y0.new_empty(max_iter + 1, B, n)  # g_0 … g_max_iter
+    gram = y0.new_zeros(B, max_iter + 1, max_iter + 1)
+    H = _LowRankInverse(gram, memory)
+    one_hot = torch.eye(max_iter + 1, dtype=y0.dtype, device=y0.device)
 
     y = y0
-    gy = (func(y) if f0 is None else f0) - y
-    Hg = -gy
-    sample_res = _norms(gy)
-    best_y, best_res = y.clone(), sample_res.clone()
-    residual = float(gy.norm())
-    stop = _stop_level(residual, gy.numel(), tol)
+    g = torch.sub(func(y) if f0 is None else f0, y, out=residuals[0])
+    gram[:, 0, 0] = _dots(g, residuals[:1]).squeeze(1)
+    Hg = -one_hot[0].expand(B, -1)  # coefficients of H g, with H = -I
+    # Per-sample residuals are tracked on the host: one transfer of B numbers per iteration.
+    best_res = _norms_from_squares(gram[:, 0, 0])
+    best_y = y.clone()
+    residual = _batch_norm(best_res)
+    stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
     nstep = 0
     while nstep < max_iter and not residual < stop:
-        Us, VTs = U[:, :filled], VT[:, :filled]
-        y_new = y - Hg                                           # the Newton step Δy = -H g
-        g_new = func(y_new) - y_new
-        y, g_old, gy = y_new, gy, g_new
+        old, new = nstep, nstep + 1
+        # The Newton step Δy = -H g = -Σ_j Hg_j g_j.
+        y = torch.baddbmm(y[:, None], Hg[:, None, :new], residuals[:new].transpose(0, 1), alpha=-1.0).squeeze(1)
+        g = torch.sub(func(y), y, out=residuals[new])
         nstep += 1
 
-        sample_res = _norms(gy)
-        better = sample_res < best_res
-        best_res = torch.where(better, sample_res, best_res)
-        bad = torch.isinf(sample_res)  # a non-finite residual (see _norms)
-        # One host synchronisation per iteration; the norm of best_res is +inf as soon as one sample's is.
-        residual, any_bad, all_better = torch.stack(
-            [best_res.norm(), bad.any().to(best_res.dtype), better.all().to(best_res.dtype)]).tolist()
+        dots = _dots(g, residuals[:new + 1])  # g·g_j for j ≤ new
+        sample_res = _norms_from_squares(dots[:, new])
+        better = [r < b for r, b in zip(sample_res, best_res)]
+        best_res = [min(r, b) for r, b in zip(sample_res, best_res)]
+        residual = _batch_norm(best_res)  # +inf as soon as one sample's is
         trace.append(residual)
         # y is never modified in place, so when every sample improved it can be kept without a copy.
-        best_y = y if all_better else torch.where(better[:, None], y, best_y)
+        best_y = y if all(better) else torch.where(_mask(better, y), y, best_y)
+        bad = [math.isinf(r) for r in sample_res]
+        if any(bad):  # a non-finite residual is replaced by zero before it reaches the Gram matrix
+            bad = _mask(bad, y)
+            dots.masked_fill_(bad, 0.0)
+            g.masked_fill_(bad, 0.0)
+        gram[:, new, :new + 1] = dots
+        gram[:, :new + 1, new] = dots
 
-        # Since Δy = -H g, the new term's u = Δy - H Δg = -H g_new: no separate H Δg is needed.
-        Hg_new = _low_rank_update(gy, gy, VTs, Us, beta=-1.0)          # H g_new, before the update
-        vT = _low_rank_update(Hg, Hg, Us, VTs, alpha=-1.0)             # Δyᵀ H = -(H g)ᵀ H
-        v_g_new = torch.linalg.vecdot(vT, gy)[:, None]
-        denom = v_g_new - torch.linalg.vecdot(vT, g_old)[:, None]      # Δyᵀ H Δg
-        # A zero or non-finite denominator drops the sample's update instead of storing inf/NaN.
-        usable = (denom != 0) & torch.isfinite(denom)
-        scale = torch.where(usable, 1.0 / torch.where(usable, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-        slot = (nstep - 1) % memory
-        evicting = filled == memory
-        if evicting:  # the oldest term leaves H: its share of H g_new goes too
-            Hg = Hg_new - U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
-        torch.mul(Hg_new, -scale, out=U[:, slot])                      # u = -H g_new / (Δyᵀ H Δg)
-        VT[:, slot] = vT
-        if any_bad:  # non-finite iterates must not reach the stored terms
-            U[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            VT[:, slot].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        filled = min(filled + 1, memory)
-        # H_new g_new = H g_new + u (vᵀ g_new), a per-sample multiple of H g_new unless a term left.
-        if evicting or any_bad:
-            Hg = (Hg if evicting else Hg_new) + U[:, slot] * torch.linalg.vecdot(VT[:, slot], gy)[:, None]
-        else:
-            Hg = Hg_new * (1.0 - scale * v_g_new)
-        # A diverged sample restarts from its best iterate.
-        if any_bad:
-            y = torch.where(bad[:, None], best_y, y)
-            gy = torch.where(bad[:, None], torch.zeros_like(gy), gy)
-            Hg = torch.where(bad[:, None], torch.zeros_like(Hg), Hg)
+        g_coeff, g_gram = one_hot[new].expand(B, -1), gram[:, :, new]  # g_new and its dot products
+        u = H.apply(g_coeff, gram_coeff=g_gram)   # H g_new, before the update
+        w = -H.apply(Hg, transpose=True)          # Hᵀ Δy = -Hᵀ H g
+        w_g = torch.bmm(w[:, None], gram[:, :, old:new + 1]).squeeze(1)  # w·g_old, w·g_new
+        # d = -1/(Δyᵀ H Δg); a zero or non-finite denominator drops the sample's update.
+        d = (-1.0 / (w_g[:, 1] - w_g[:, 0])).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        H.store(old % memory, u, w, d)
+        Hg = H.apply(g_coeff, gram_coeff=g_gram)  # H g_new, after the update
+        if torch.is_tensor(bad):  # a diverged sample restarts from its best iterate
+            Hg = Hg.masked_fill(bad, 0.0)
+            y = torch.where(bad, best_y, y)
     return best_y, _info(nstep, nstep + (f0 is None), trace)
 
 

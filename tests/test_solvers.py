@@ -93,7 +93,7 @@ def reference_broyden(func, y0, max_iter, memory):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("memory", [3, 27])
+@pytest.mark.parametrize("memory", [1, 3, 27])
 def test_broyden_matches_the_textbook_method(memory):
     """With iterates tracked per sample, our Broyden takes exactly the steps of a dense textbook
     implementation, including when the limited memory overwrites its oldest terms."""
