@@ -69,22 +69,25 @@ class _LowRankInverse:
         self.gram = gram
         self.u = gram.new_zeros(B, memory, capacity)
         self.w = gram.new_zeros(B, memory, capacity)
-        self.d = gram.new_zeros(B, memory, 1)
+        self.d = gram.new_zeros(B, memory)
 
     def apply(self, coeff, transpose=False, gram_coeff=None):
         """Coefficients of H x (Hᵀ x when transpose) for x with coefficients coeff (B, capacity).
 
         gram_coeff, if the caller has it, is gram·coeff (x's dot products with the g_j), (B, capacity).
         """
-        # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients.
+        # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients. The operands
+        # are a few thousand numbers: broadcast products, unlike batched matrix products, run them
+        # without waking a thread pool.
         left, right = (self.u, self.w) if transpose else (self.w, self.u)
-        gram_coeff = torch.bmm(self.gram, coeff[:, :, None]) if gram_coeff is None else gram_coeff[:, :, None]
-        dots = torch.bmm(left, gram_coeff)
-        return torch.baddbmm(coeff[:, :, None], right.transpose(1, 2), self.d * dots, beta=-1.0).squeeze(2)
+        if gram_coeff is None:
+            gram_coeff = (self.gram * coeff[:, None, :]).sum(2)
+        dots = (left * gram_coeff[:, None, :]).sum(2)
+        return ((self.d * dots)[:, :, None] * right).sum(1) - coeff
 
     def store(self, slot, u, w, d):
         """Put the term u d wᵀ into `slot`, replacing what was there."""
-        self.u[:, slot], self.w[:, slot], self.d[:, slot, 0] = u, w, d
+        self.u[:, slot], self.w[:, slot], self.d[:, slot] = u, w, d
 
 
 def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
@@ -99,10 +102,11 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     reach the stored terms, and a sample whose residual is non-finite restarts
     from its best iterate.
 
-    The residuals g_j are stored, one (B, n) vector per iteration, and u_k, w_k
-    as coefficients over them (see _LowRankInverse): an iteration reads the
-    stored residuals twice, once to form the step and once for the new
-    residual's dot products with them, and otherwise works on (B, k) numbers.
+    The residuals g_j are stored, one (B, n) vector per iteration (max_iter + 1
+    in all: `memory` bounds the terms of H, not the storage), and u_k, w_k as
+    coefficients over them (see _LowRankInverse): an iteration reads the stored
+    residuals twice, once to form the step and once for the new residual's dot
+    products with them, and otherwise works on (B, max_iter + 1) numbers.
     """
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
@@ -117,7 +121,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     Hg = -one_hot[0].expand(B, -1)  # coefficients of H g, with H = -I
     # Per-sample residuals are tracked on the host: one transfer of B numbers per iteration.
     best_res = _norms_from_squares(gram[:, 0, 0])
-    best_y = y.clone()
+    best_y = y  # never modified in place
     residual = _batch_norm(best_res)
     stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
@@ -148,7 +152,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         g_coeff, g_gram = one_hot[new].expand(B, -1), gram[:, :, new]  # g_new and its dot products
         u = H.apply(g_coeff, gram_coeff=g_gram)   # H g_new, before the update
         w = -H.apply(Hg, transpose=True)          # Hᵀ Δy = -Hᵀ H g
-        w_g = torch.bmm(w[:, None], gram[:, :, old:new + 1]).squeeze(1)  # w·g_old, w·g_new
+        w_g = (w[:, :, None] * gram[:, :, old:new + 1]).sum(1)  # w·g_old, w·g_new
         # d = -1/(Δyᵀ H Δg); a zero or non-finite denominator drops the sample's update.
         d = (-1.0 / (w_g[:, 1] - w_g[:, 0])).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         H.store(old % memory, u, w, d)
