@@ -141,9 +141,9 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         trace.append(residual)
         # y is never modified in place, so when every sample improved it can be kept without a copy.
         best_y = y if all(better) else torch.where(_mask(better, y), y, best_y)
-        bad = [math.isinf(r) for r in sample_res]
-        if any(bad):  # a non-finite residual is replaced by zero before it reaches the Gram matrix
-            bad = _mask(bad, y)
+        diverged = [math.isinf(r) for r in sample_res]
+        bad = _mask(diverged, y) if any(diverged) else None
+        if bad is not None:  # a non-finite residual is replaced by zero before it reaches the Gram matrix
             dots.masked_fill_(bad, 0.0)
             g.masked_fill_(bad, 0.0)
         gram[:, new, :new + 1] = dots
@@ -157,7 +157,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         d = (-1.0 / (w_g[:, 1] - w_g[:, 0])).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         H.store(old % memory, u, w, d)
         Hg = H.apply(g_coeff, gram_coeff=g_gram)  # H g_new, after the update
-        if torch.is_tensor(bad):  # a diverged sample restarts from its best iterate
+        if bad is not None:  # a diverged sample restarts from its best iterate
             Hg = Hg.masked_fill(bad, 0.0)
             y = torch.where(bad, best_y, y)
     return best_y, _info(nstep, nstep + (f0 is None), trace)
