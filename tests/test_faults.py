@@ -324,9 +324,28 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(trained, tmp_path, si
     after = digest(folder)
     assert {name: after[name] for name in before} == before
     assert load_checkpoint(folder / CKPT)['epoch'] == 1
-    # The leftover temporary files neither block nor confuse the next run.
+    # The leftover temporary files neither block nor confuse the next run, which removes them.
     run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'])
     assert load_checkpoint(folder / CKPT)['epoch'] == 2 and len(log_rows(folder)) == 2
+    assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
+
+
+def test_a_log_row_lost_after_its_checkpoint_is_restored_on_resume(trained, tmp_path, single_thread):
+    """A stop after epoch 2's checkpoint was saved but before its log row was written: resuming writes that
+    row (the checkpoint carries the log's rows) before epoch 3's, so the log has one row per epoch again."""
+    folder = copy_run(trained, tmp_path / 'run')
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'])
+    complete = log_rows(folder)
+    with open(folder / LOG, encoding='utf-8') as f:
+        lines = f.read().splitlines(keepends=True)
+    with open(folder / LOG, 'w', encoding='utf-8') as f:
+        f.writelines(lines[:-1])  # the state such a stop leaves: epoch 2 saved, its row not
+    assert len(log_rows(folder)) == 1 and load_checkpoint(folder / CKPT)['epoch'] == 2
+
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '3'])
+    rows = log_rows(folder)
+    assert len(rows) == 3 and rows[:2] == complete
+    assert load_checkpoint(folder / CKPT)['log'][2] == pytest.approx(list(rows[2].values()), abs=5e-7)
 
 
 def test_new_run_refuses_a_folder_holding_a_run(trained, tmp_path, data_root):
@@ -352,7 +371,8 @@ def test_any_file_of_a_run_makes_a_folder_used(name, trained, tmp_path, data_roo
 
 
 def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys, single_thread):
-    """--resume A -c B never writes over a run in B; a B without a run starts there with its own log."""
+    """--resume A -c B never writes over a run in B; a B without a run starts there, its log holding A's
+    epochs (from the checkpoint) and the new one."""
     first, second = copy_run(trained, tmp_path / 'a'), copy_run(trained, tmp_path / 'b')
     before = digest(first), digest(second)
     code, line = fails('fashion_mlp', ['--resume', first / CKPT, '-c', second, '--epochs', '2'], capsys)
@@ -360,7 +380,8 @@ def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys,
     assert (digest(first), digest(second)) == before
 
     run_main('fashion_mlp', ['--resume', first / CKPT, '-c', tmp_path / 'c', '--epochs', '2'])
-    assert load_checkpoint(tmp_path / 'c' / CKPT)['epoch'] == 2 and len(log_rows(tmp_path / 'c')) == 1
+    assert load_checkpoint(tmp_path / 'c' / CKPT)['epoch'] == 2
+    assert log_rows(tmp_path / 'c')[:1] == log_rows(first) and len(log_rows(tmp_path / 'c')) == 2
     assert digest(first) == before[0]
 
 

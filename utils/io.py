@@ -74,10 +74,25 @@ def _cannot_write(path, exc):
     return CheckpointError(f'cannot write {path}: {_reason(exc)}')
 
 
+def _temporary_name(name):
+    """A fresh temporary's file name for the file `name` (see stale_temporaries)."""
+    return f'.{name}.{uuid.uuid4().hex[:12]}.tmp'
+
+
+def stale_temporaries(folder, names):
+    """Paths of the temporaries in folder that a killed write of one of `names` left behind."""
+    pattern = re.compile(r'\.(%s)\.[0-9a-f]{12}\.tmp' % '|'.join(map(re.escape, names)))
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, entry) for entry in entries if pattern.fullmatch(entry)]
+
+
 def _write_temporary(path, write):
     """Call write(binary_file) on a new temporary file beside path and fsync it; return the temporary's path."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp')
+    tmp = os.path.join(folder, _temporary_name(os.path.basename(path)))
     try:
         # os.open (not mkstemp) so the file gets the usual umask-based mode, not 0600.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

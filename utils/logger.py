@@ -91,6 +91,21 @@ class Logger:
         for name, value in zip(self.names, values):
             self.numbers[name].append(value)
 
+    def catch_up(self, history):
+        """Append the rows of `history` (the run's rows so far, the newest last) that the log lacks.
+
+        When the log's rows begin the history, every row after them is written:
+        a row lost to a stop between the checkpoint's save and the log's write,
+        or the earlier epochs of a run continued in a new folder. A log that
+        differs (kept from a run resumed from an earlier checkpoint) gets the
+        newest row only.
+        """
+        logged = [list(row) for row in zip(*(self.numbers[name] for name in self.names))]
+        as_written = [[float(f'{float(v):.6f}') for v in row] for row in history]
+        fresh = len(logged) < len(history) and logged == as_written[:len(logged)]
+        for row in history[len(logged) if fresh else len(history) - 1:]:
+            self.append(row)
+
     def plot(self, path_png):
         """Save loss and accuracy curves against epoch as a PNG, atomically."""
         # A bare Figure renders with Agg and never touches pyplot's global state or a display.

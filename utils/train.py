@@ -23,7 +23,7 @@ from modules import ARCHITECTURES, build_model
 from utils import cli, distributed
 from utils.data import DataError, build_loaders, get_datasets
 from utils.io import (BEST_NAME, CheckpointError, load_checkpoint, load_into_model, rng_state,
-                      save_checkpoint, set_rng_state)
+                      save_checkpoint, set_rng_state, stale_temporaries)
 from utils.logger import Logger
 from utils.meters import AverageMeter, accuracy
 
@@ -446,6 +446,16 @@ def save_state(state, is_best, folder, ctx, device):
     return os.path.join(folder, CHECKPOINT_NAME)
 
 
+def saved_log(ckpt):
+    """The log rows a checkpoint of this project carries ([] for none, a release file or an unusable entry)."""
+    rows = ckpt.get('log') if ckpt is not None else None
+    if not isinstance(rows, list) or not all(
+            isinstance(row, list) and len(row) == len(LOG_COLUMNS)
+            and all(isinstance(v, (int, float)) for v in row) for row in rows):
+        return []
+    return [[float(v) for v in row] for row in rows]
+
+
 def open_log(folder, title, resuming):
     """The run's Logger in folder with LOG_COLUMNS (appending when resuming)."""
     try:
@@ -605,11 +615,24 @@ class Run:
             return dict(best_acc=best_acc, epoch=start_epoch)
         if self.ctx.is_main:
             make_folder(loop.folder)
+            self.remove_stale_temporaries(loop.folder)
+        history = saved_log(ckpt)
         with StopRequest() as stop:
-            return self.epochs(loop, stop, start_epoch, iteration, best_acc, resuming=ckpt is not None)
+            return self.epochs(loop, stop, start_epoch, iteration, best_acc, history, resuming=ckpt is not None)
 
-    def epochs(self, loop, stop, start_epoch, iteration, best_acc, resuming):
-        """Train, evaluate, checkpoint and log each remaining epoch."""
+    def remove_stale_temporaries(self, folder):
+        """Delete the temporary files that a killed save of this run's files left in folder, and say so."""
+        stale = stale_temporaries(folder, (CHECKPOINT_NAME, BEST_NAME, LOG_NAME, PLOT_NAME))
+        for path in stale:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        if stale:
+            self.say(f'Removed {len(stale)} temporary file(s) left in {folder} by an interrupted save')
+
+    def epochs(self, loop, stop, start_epoch, iteration, best_acc, history, resuming):
+        """Train, evaluate, checkpoint and log each remaining epoch; history holds the earlier epochs' log rows."""
         args, ctx = self.args, self.ctx
         faults = FaultGuard()
         # Opened after the first epoch, so that a run stopped before it leaves no log behind.
@@ -630,14 +653,19 @@ class Run:
                                                ctx=ctx, amp=args.amp)
             is_best = best_acc is None or test_top1 > best_acc
             best_acc = test_top1 if is_best else best_acc
-            state = dict(epoch=epoch + 1, arch=self.arch, model_args=loop.model_args,
+            row = [float(v) for v in (stats['lr'], stats['loss'], test_loss, stats['top1'], test_top1,
+                                      stats['skipped'])]
+            history = history + [row]
+            # The checkpoint carries the log's rows: a resumed run restores a row that a stop
+            # between the checkpoint's save and the log's write lost.
+            state = dict(epoch=epoch + 1, arch=self.arch, model_args=loop.model_args, log=history,
                          state_dict=distributed.unwrap(loop.model).state_dict(), acc=test_top1,
                          best_acc=best_acc, optimizer=loop.optimizer.state_dict(), iteration=iteration,
                          seed=args.manualSeed, rng=distributed.gather(rng_state(), ctx), args=dict(vars(args)))
             self.last_checkpoint = save_state(state, is_best, loop.folder, ctx, loop.device)
             if ctx.is_main:
                 logger = logger or open_log(loop.folder, f'{self.prog} {self.arch}', resuming)
-                logger.append([stats['lr'], stats['loss'], test_loss, stats['top1'], test_top1, stats['skipped']])
+                logger.catch_up(history)
                 logger.plot(os.path.join(loop.folder, PLOT_NAME))
             self.say(f'Epoch {epoch + 1}/{args.epochs}  lr {stats["lr"]:.4g}  train loss {stats["loss"]:.4f} '
                      f'acc {stats["top1"]:.2f}  test loss {test_loss:.4f} acc {test_top1:.2f}  '
