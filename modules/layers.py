@@ -7,6 +7,7 @@ followed by batch normalisation and average pooling, then variational dropout.
 The feedback operator's weight is reparameterised by `SpectralScale`.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
@@ -102,10 +103,38 @@ class VariationalDropout(nn.Module):
         return h * self.mask
 
 
-def batch_stats(h):
-    """Per-channel (mean, biased variance) of h, channels on dim 1, as BN uses them."""
+def batch_stats(h, group=None):
+    """Per-channel (mean, biased variance) of h, channels on dim 1, as BN uses them.
+
+    With a process group (see sync_group) their values are those of the whole
+    batch spread over its processes, as SyncBatchNorm computes them, and their
+    gradient is that with respect to this process's share of the batch (the
+    other shares are constants here, so no backward pass communicates).
+    """
     dims = [0] + list(range(2, h.dim()))
-    return h.mean(dim=dims), h.var(dim=dims, unbiased=False)
+    mean, var = h.mean(dim=dims), h.var(dim=dims, unbiased=False)
+    if group is None:
+        return mean, var
+    count = h.numel() // h.shape[1]
+    with torch.no_grad():
+        # Exact pooling of per-process moments: N M = Σ n_i m_i, then N V = Σ n_i (v_i + (m_i - M)²).
+        totals = torch.cat([count * mean, mean.new_tensor([count])])
+        dist.all_reduce(totals, group=group)
+        total_mean, total = totals[:-1] / totals[-1], totals[-1]
+        spread = count * (var + (mean - total_mean) ** 2)
+        dist.all_reduce(spread, group=group)
+        total_var = spread / total
+    # d M / d x = 1/N and d V / d x = 2 (x - M) / N for this share's x (Σ (x - M) = 0 removes M's own term).
+    own_mean = mean * (count / total)
+    own_spread = ((h - total_mean.view(1, -1, *[1] * (h.dim() - 2))) ** 2).mean(dim=dims) * (count / total)
+    return total_mean + own_mean - own_mean.detach(), total_var + own_spread - own_spread.detach()
+
+
+def sync_group(bn):
+    """The process group over which a SyncBatchNorm normalises, or None (plain BN, or no process group)."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    return bn.process_group or dist.group.WORLD
 
 
 class Connection(nn.Module):
@@ -113,8 +142,9 @@ class Connection(nn.Module):
 
     BN is applied in one of three ways, chosen by the caller:
     `stats=(mean, var)` normalises with given statistics (the simulation);
-    otherwise in training the batch statistics are used, and the running
-    statistics move only if `update_stats` (once per training step, in f);
+    otherwise in training the batch statistics are used (under SyncBatchNorm,
+    the whole batch's across processes), and the running statistics move only
+    if `update_stats` (once per training step, in f);
     in evaluation the running statistics are used.
     """
 
@@ -148,6 +178,10 @@ class Connection(nn.Module):
         if self.training and update_stats:
             return bn(h)
         if self.training:
+            group = sync_group(bn)
+            if group is not None:  # --sync-bn: the whole batch's statistics, as bn(h) takes them
+                mean, var = batch_stats(h, group)
+                return F.batch_norm(h, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
             return F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
         return F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 

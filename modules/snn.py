@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .implicit import ImplicitGradient
-from .layers import Feedback, VariationalDropout, batch_stats
+from .layers import Feedback, VariationalDropout, batch_stats, sync_group
 from .solvers import get_solver
 
 
@@ -107,7 +107,8 @@ class FeedbackSNN(nn.Module):
             return None
         h = self.input_layer.linear_part(self.average_input(x))
         # Under autocast h is bf16, but CPU batch norm wants statistics in its parameters' dtype.
-        return batch_stats(h.to(self.input_layer.bn.weight.dtype))
+        # Under --sync-bn, f's SyncBatchNorm takes F(x̄)'s statistics over every process's batch: so do these.
+        return batch_stats(h.to(self.input_layer.bn.weight.dtype), sync_group(self.input_layer.bn))
 
     def loop_stats(self):
         """BN statistics for the layers inside the loop during simulation.

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from modules import build_model
+from modules.layers import batch_stats
 from tests import fakedata
 from utils.data import ShardSampler
 
@@ -310,3 +312,75 @@ def test_single_process_checkpoint_resumes_under_torchrun(data_root, tmp_path):
     assert sorted(first + second) == list(range(N_TRAIN))
     assert 'Resuming from' in ranks[0]['out'] and epoch_lines(ranks[0]['out'])[0][0] == round(ckpt['acc'], 2)
     assert_only_rank0_spoke(ranks)
+
+
+def _input_stats_process(rank, world, rendezvous, out):
+    """One process of test_sync_bn_input_stats_cover_every_process: its share's input statistics under SyncBatchNorm."""
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model('fashion_mlp', time_step=2)).train()
+        x = sync_bn_batch()
+        share = x[:4] if rank == 0 else x[4:]  # unequal shares, 4 and 2 images
+        torch.save(model.snn.input_stats(share), os.path.join(out, f'stats{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_bn_batch():
+    """Six images with a mean far from zero (where a one-pass variance would lose digits)."""
+    return 3.0 * torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1)) + 5.0
+
+
+def test_sync_bn_input_stats_cover_every_process(tmp_path):
+    """Under --sync-bn the simulation normalises the input current with the whole batch's statistics, as f's
+    SyncBatchNorm does, so the time-averaged simulated current is still F(x̄): two Gloo processes holding
+    4 and 2 images each get the statistics of all 6, not those of their own share."""
+    torch.multiprocessing.spawn(_input_stats_process, args=(WORLD, str(tmp_path / 'rendezvous'), str(tmp_path)),
+                                nprocs=WORLD)
+    torch.manual_seed(0)
+    model = build_model('fashion_mlp', time_step=2).train()
+    x = sync_bn_batch()
+    whole = model.snn.input_stats(x)
+    for rank in range(WORLD):
+        mean, var = torch.load(tmp_path / f'stats{rank}.pt')
+        torch.testing.assert_close(mean, whole[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var, whole[1], rtol=1e-5, atol=1e-6)
+    own = model.snn.input_stats(x[:4])
+    assert not torch.allclose(own[1], whole[1], rtol=1e-3)
+
+
+def _stats_gradient_process(rank, world, rendezvous, out):
+    """One process of test_synced_batch_stats_values_and_gradient: statistics and their gradient on its share."""
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    try:
+        h, weights = stats_problem()
+        share = (h[:4] if rank == 0 else h[4:]).clone().requires_grad_()
+        mean, var = batch_stats(share, dist.group.WORLD)
+        ((mean * weights[0]).sum() + (var * weights[1]).sum()).backward()
+        torch.save((mean.detach(), var.detach(), share.grad), os.path.join(out, f'grad{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def stats_problem():
+    """A (6, 3, 4, 4) activation with an offset mean, and weights for a scalar of its per-channel statistics."""
+    gen = torch.Generator().manual_seed(2)
+    h = 2.0 * torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64) + 4.0
+    return h, torch.randn(2, 3, generator=gen, dtype=torch.float64)
+
+
+def test_synced_batch_stats_values_and_gradient(tmp_path):
+    """Synced batch statistics (the Jacobian point of a multi-layer net under --sync-bn) have the whole batch's
+    values, and their gradient with respect to each process's share equals the whole-batch gradient's rows."""
+    torch.multiprocessing.spawn(_stats_gradient_process, args=(WORLD, str(tmp_path / 'rendezvous'), str(tmp_path)),
+                                nprocs=WORLD)
+    h, weights = stats_problem()
+    h.requires_grad_()
+    mean, var = batch_stats(h)
+    ((mean * weights[0]).sum() + (var * weights[1]).sum()).backward()
+    for rank, rows in enumerate((slice(0, 4), slice(4, 6))):
+        share_mean, share_var, grad = torch.load(tmp_path / f'grad{rank}.pt')
+        torch.testing.assert_close(share_mean, mean.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(share_var, var.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, h.grad[rows], rtol=1e-10, atol=1e-12)
