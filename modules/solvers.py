@@ -56,12 +56,13 @@ def _dots(x, rows):
 
 
 class _LowRankInverse:
-    """H = -I + Σ_k u_k d_k w_kᵀ, with u_k and w_k held as coefficients over stored residuals.
+    """H = -I + Σ_k u_k d_k w_kᵀ, with u_k and w_k held as coefficients over a basis of stored vectors.
 
-    Every vector the method forms is a combination of the residuals g_0, g_1, …
-    it has seen (the coefficient vectors are (B, capacity), one entry per g_j),
-    so H and Hᵀ act on coefficients through the Gram matrix gram[j, l] = g_j·g_l
-    alone; only the step itself is formed in R^n. Unused slots have d = 0.
+    Every vector the method forms is a combination of the residuals it has seen,
+    so the basis starts as those residuals (the coefficient vectors are
+    (B, capacity), one entry per basis vector), and H and Hᵀ act on coefficients
+    through the basis' Gram matrix gram[j, l] = b_j·b_l alone. Unused slots have
+    d = 0.
     """
 
     def __init__(self, gram, memory):
@@ -74,7 +75,7 @@ class _LowRankInverse:
     def apply(self, coeff, transpose=False, gram_coeff=None):
         """Coefficients of H x (Hᵀ x when transpose) for x with coefficients coeff (B, capacity).
 
-        gram_coeff, if the caller has it, is gram·coeff (x's dot products with the g_j), (B, capacity).
+        gram_coeff, if the caller has it, is gram·coeff (x's dot products with the basis), (B, capacity).
         """
         # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients. The operands
         # are a few thousand numbers: broadcast products, unlike batched matrix products, run them
@@ -89,6 +90,27 @@ class _LowRankInverse:
         """Put the term u d wᵀ into `slot`, replacing what was there."""
         self.u[:, slot], self.w[:, slot], self.d[:, slot] = u, w, d
 
+    def compress(self, basis, keep):
+        """Make the basis the vectors with coefficients keep (B, k, capacity), then every u_k and w_k.
+
+        basis (capacity, B, n) is rewritten in place: its first k + 2·memory rows
+        become the new basis, with its Gram matrix; returns that count. What
+        the method still needs (the terms of H, the newest residual and H g) lies
+        in their span, so nothing is lost but the residuals that left H.
+        """
+        B, memory, capacity = self.u.shape
+        coeff = torch.cat([keep, self.u, self.w], dim=1)  # (B, rows, capacity)
+        rows = coeff.shape[1]
+        vectors = torch.bmm(coeff, basis.transpose(0, 1))  # (B, rows, n), aside: it reads every row
+        basis[:rows] = vectors.transpose(0, 1)
+        self.gram.zero_()
+        self.gram[:, :rows, :rows] = torch.bmm(vectors, vectors.transpose(1, 2))
+        eye = torch.eye(capacity, dtype=coeff.dtype, device=coeff.device)
+        first = keep.shape[1]
+        self.u.copy_(eye[first:first + memory].expand(B, -1, -1))
+        self.w.copy_(eye[first + memory:rows].expand(B, -1, -1))
+        return rows
+
 
 def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     """Limited-memory Broyden's (good) method for y = func(y); returns the lowest-residual iterate.
@@ -102,22 +124,26 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     reach the stored terms, and a sample whose residual is non-finite restarts
     from its best iterate.
 
-    The residuals g_j are stored, one (B, n) vector per iteration (max_iter + 1
-    in all: `memory` bounds the terms of H, not the storage), and u_k, w_k as
+    The residuals are stored, one (B, n) vector per iteration, and u_k, w_k as
     coefficients over them (see _LowRankInverse): an iteration reads the stored
-    residuals twice, once to form the step and once for the new residual's dot
-    products with them, and otherwise works on (B, max_iter + 1) numbers.
+    vectors twice, once to form the step and once for the new residual's dot
+    products with them, and otherwise works on (B, capacity) numbers. The
+    storage holds min(max_iter + 1, 3·memory + 2) vectors; when a long solve
+    fills it, the basis is rewritten as the terms of H, the newest residual
+    and H g (2·memory + 2 vectors), which leaves room for `memory` more.
     """
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
-    residuals = y0.new_empty(max_iter + 1, B, n)  # g_0 … g_max_iter
-    gram = y0.new_zeros(B, max_iter + 1, max_iter + 1)
+    capacity = min(max_iter + 1, 3 * memory + 2)
+    basis = y0.new_empty(capacity, B, n)  # residuals, or after a compression what H needs
+    gram = y0.new_zeros(B, capacity, capacity)
     H = _LowRankInverse(gram, memory)
-    one_hot = torch.eye(max_iter + 1, dtype=y0.dtype, device=y0.device)
+    one_hot = torch.eye(capacity, dtype=y0.dtype, device=y0.device)
 
     y = y0
-    g = torch.sub(func(y) if f0 is None else f0, y, out=residuals[0])
-    gram[:, 0, 0] = _dots(g, residuals[:1]).squeeze(1)
+    g = torch.sub(func(y) if f0 is None else f0, y, out=basis[0])
+    gram[:, 0, 0] = _dots(g, basis[:1]).squeeze(1)
+    rows, last = 1, 0  # basis vectors in use; the newest residual's row
     Hg = -one_hot[0].expand(B, -1)  # coefficients of H g, with H = -I
     # Per-sample residuals are tracked on the host: one transfer of B numbers per iteration.
     best_res = _norms_from_squares(gram[:, 0, 0])
@@ -127,13 +153,16 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     trace = [residual]
     nstep = 0
     while nstep < max_iter and not residual < stop:
-        old, new = nstep, nstep + 1
-        # The Newton step Δy = -H g = -Σ_j Hg_j g_j.
-        y = torch.baddbmm(y[:, None], Hg[:, None, :new], residuals[:new].transpose(0, 1), alpha=-1.0).squeeze(1)
-        g = torch.sub(func(y), y, out=residuals[new])
+        if rows == capacity:
+            rows = H.compress(basis, torch.stack([one_hot[last].expand(B, -1), Hg], dim=1))
+            last, Hg = 0, one_hot[1].expand(B, -1)
+        new = rows
+        # The Newton step Δy = -H g = -Σ_j Hg_j b_j.
+        y = torch.baddbmm(y[:, None], Hg[:, None, :new], basis[:new].transpose(0, 1), alpha=-1.0).squeeze(1)
+        g = torch.sub(func(y), y, out=basis[new])
         nstep += 1
 
-        dots = _dots(g, residuals[:new + 1])  # g·g_j for j ≤ new
+        dots = _dots(g, basis[:new + 1])  # g·b_j for j ≤ new
         sample_res = _norms_from_squares(dots[:, new])
         better = [r < b for r, b in zip(sample_res, best_res)]
         best_res = [min(r, b) for r, b in zip(sample_res, best_res)]
@@ -152,11 +181,11 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         g_coeff, g_gram = one_hot[new].expand(B, -1), gram[:, :, new]  # g_new and its dot products
         u = H.apply(g_coeff, gram_coeff=g_gram)   # H g_new, before the update
         w = -H.apply(Hg, transpose=True)          # Hᵀ Δy = -Hᵀ H g
-        w_g = (w[:, :, None] * gram[:, :, old:new + 1]).sum(1)  # w·g_old, w·g_new
-        # d = -1/(Δyᵀ H Δg); a zero or non-finite denominator drops the sample's update.
-        d = (-1.0 / (w_g[:, 1] - w_g[:, 0])).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        H.store(old % memory, u, w, d)
+        # d = -1/(Δyᵀ H Δg) = -1/(w·g_new - w·g_old); a zero or non-finite denominator drops the update.
+        d = (-1.0 / (w * (g_gram - gram[:, :, last])).sum(1)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        H.store((nstep - 1) % memory, u, w, d)
         Hg = H.apply(g_coeff, gram_coeff=g_gram)  # H g_new, after the update
+        rows, last = new + 1, new
         if bad is not None:  # a diverged sample restarts from its best iterate
             Hg = Hg.masked_fill(bad, 0.0)
             y = torch.where(bad, best_y, y)

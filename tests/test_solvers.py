@@ -107,6 +107,16 @@ def test_broyden_matches_the_textbook_method(memory):
         assert rel_err(y_long, exact) <= 1e-8
 
 
+def test_broyden_long_solve_rewrites_its_basis_without_changing_the_steps():
+    """With memory 3 the storage holds 11 vectors, so 60 iterations rewrite the basis several times
+    (as the terms of H, the newest residual and H g): the iterates stay those of the dense textbook
+    method."""
+    func, v, _ = linear_problem(batch=3, n=40, radius=0.95, seed=13)
+    y, info = broyden(func, torch.zeros_like(v), max_iter=60, tol=None, memory=3)
+    assert info["nstep"] == 60
+    assert rel_err(y, reference_broyden(func, torch.zeros_like(v), 60, 3)) <= 1e-9
+
+
 @pytest.mark.parametrize("memory", [4, 27])
 def test_broyden_in_float32_follows_the_textbook_method(memory):
     """In float32, 30 iterations on a 200-dimensional problem stay within float32 round-off
