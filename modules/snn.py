@@ -198,9 +198,13 @@ class FeedbackSNN(nn.Module):
         current = self.input_layer(self.average_input(x), update_stats=True)
         state = rate.detach().requires_grad_()
         z = self.f(state, current, update_stats=True)
-        if self.jacobian_at_f:
-            point = z.detach().requires_grad_()
-            f_point = self.f(point, current.detach())
+        # The adjoint solve differentiates f in full precision even under autocast: bf16 products
+        # would leave its residual far above the stopping level, and it would run every iteration.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.jacobian_at_f or autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                point = (z if self.jacobian_at_f else state).detach().to(rate.dtype).requires_grad_()
+                f_point = self.f(point, current.detach().to(rate.dtype))
         else:
             point, f_point = state, z
         return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.solver == "iter",

@@ -269,3 +269,25 @@ def test_backward_is_repeatable_and_accumulates_only_the_gradient(tiny_snn, tiny
         assert torch.equal(t.grad, 2 * f), name
     expected, _ = dense_reference_gradients(snn, x, rate.detach(), w)
     assert_gradients_close(names, first, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mnist_conv", "alexnetf"])
+def test_autocast_keeps_the_adjoint_solve_in_float32(name):
+    """Under bf16 autocast (--amp) the adjoint solve still differentiates f in float32: it takes as many
+    iterations as without autocast and reaches the same float32 residual (bf16 products would stall near
+    1e-3 of v and run every iteration)."""
+    from modules import build_model
+
+    def solve(amp):
+        torch.manual_seed(0)
+        model = build_model(name, time_step=6, leaky=0.95).train()
+        x = torch.randn(4, 3 if name == "alexnetf" else 1, *((32, 32) if name == "alexnetf" else (28, 28)),
+                        generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        logits.float().square().sum().backward()
+        return model.snn.solver_stats
+
+    full, amp = solve(False), solve(True)
+    assert amp["nstep"] <= full["nstep"] + 2
+    assert amp["rel_residual"] < 1e-6 and amp["rel_residual"] <= 2 * full["rel_residual"]
