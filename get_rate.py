@@ -16,20 +16,13 @@ import torch
 from progress.bar import Bar
 from torch.utils.data import DataLoader
 
-import cifar_alexnetf
-import cifar_cifarnetf
-import fashion_mlp
-import mnist_conv
-import nmnist_conv
-from modules import ARCHITECTURES, build_model
+from modules import ARCHITECTURES, NETS, build_model, settings
 from utils import cli
 from utils.data import DataError, get_datasets
 from utils.io import CheckpointError, load_checkpoint, load_into_model
 from utils.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, plot_rates,
                          plot_sweep, stats_dict, write_csv, write_json)
 
-# Each network's training script: its data sets (DATASETS) and the paper's settings (DEFAULTS).
-SCRIPTS = {script.ARCH: script for script in (mnist_conv, fashion_mlp, nmnist_conv, cifar_alexnetf, cifar_cifarnetf)}
 _MODEL_KWARGS = set(inspect.signature(build_model).parameters) - {'name'}
 
 
@@ -38,11 +31,11 @@ def build_parser(arch=None, prog=None):
     parser = cli.OneLineParser(prog=prog, description='Firing-rate statistics of a trained IDE-FSNN checkpoint: '
                                                       'test loss/accuracy, per-layer and total average rates.')
     if arch is None:
-        parser.add_argument('--arch', required=True, choices=sorted(SCRIPTS), help='network of the checkpoint')
-    scripts = SCRIPTS.values() if arch is None else [SCRIPTS[arch]]
-    parser.add_argument('-d', '--dataset', choices=sorted({d for s in scripts for d in s.DATASETS}),
+        parser.add_argument('--arch', required=True, choices=sorted(NETS), help='network of the checkpoint')
+    names = sorted(NETS) if arch is None else [arch]
+    parser.add_argument('-d', '--dataset', choices=sorted({d for n in names for d in NETS[n].datasets}),
                         help="test set (default: the network's: " +
-                             ', '.join(f"{s.ARCH} {s.DEFAULTS['dataset']}" for s in scripts) + ')')
+                             ', '.join(f"{n} {NETS[n].dataset}" for n in names) + ')')
     parser.add_argument('--path', default='./data', help='data folder')
     parser.add_argument('-j', '--workers', default=4, type=cli.NON_NEGATIVE_INT, help='data loading processes')
     parser.add_argument('-t', '--time_step', type=cli.POSITIVE_INT,
@@ -68,11 +61,11 @@ def parse_args(argv=None, arch=None, prog=None):
     args = parser.parse_args(argv)
     if arch is not None:
         args.arch = arch
-    script = SCRIPTS[args.arch]
+    net = NETS[args.arch]
     if args.dataset is None:
-        args.dataset = script.DEFAULTS['dataset']
-    elif args.dataset not in script.DATASETS:
-        parser.error(f"--dataset: {args.arch} reads {' or '.join(script.DATASETS)}, got {args.dataset}")
+        args.dataset = net.dataset
+    elif args.dataset not in net.datasets:
+        parser.error(f"--dataset: {args.arch} reads {' or '.join(net.datasets)}, got {args.dataset}")
     cli.select_gpus(parser, args.gpu_id)
     return args
 
@@ -80,11 +73,11 @@ def parse_args(argv=None, arch=None, prog=None):
 def model_kwargs(args, ckpt):
     """build_model arguments but num_classes: the flags first, then the checkpoint's model_args, then the paper's."""
     saved = {k: v for k, v in (ckpt.get('model_args') or {}).items() if k in _MODEL_KWARGS}
-    paper = SCRIPTS[args.arch].DEFAULTS
+    paper = settings.defaults(args.arch)
     return {**saved,
             'time_step': args.time_step or saved.get('time_step', paper['time_step']),
             'leaky': args.leaky if args.leaky is not None else saved.get('leaky', paper['leaky']),
-            'vth': args.vth or saved.get('vth', cli.COMMON_DEFAULTS['vth'])}
+            'vth': args.vth or saved.get('vth', paper['vth'])}
 
 
 def prepare_outputs(folder, paths, overwrite):

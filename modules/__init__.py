@@ -2,11 +2,12 @@
 from .implicit import ImplicitGradient
 from .layers import Connection, Feedback, SpectralScale, VariationalDropout, unit_fanin_init_
 from .models import ARCHITECTURES, Architecture, SNNClassifier, build_model, build_snn
+from .settings import NETS, NetSettings
 from .snn import FeedbackSNN, is_leaky, rate_weights
 from .solvers import SOLVERS, broyden, fixed_point_iter, get_solver
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "Connection", "Feedback", "FeedbackSNN", "ImplicitGradient",
+    "ARCHITECTURES", "Architecture", "NETS", "NetSettings", "Connection", "Feedback", "FeedbackSNN", "ImplicitGradient",
     "SNNClassifier", "SOLVERS", "SpectralScale", "VariationalDropout", "broyden", "build_model",
     "build_snn", "fixed_point_iter", "get_solver", "is_leaky", "rate_weights", "unit_fanin_init_",
 ]

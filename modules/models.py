@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .layers import Connection, Feedback
+from .settings import NETS
 from .snn import FeedbackSNN, is_leaky
 
 
@@ -27,7 +28,6 @@ class Architecture:
     loop_strides: tuple = ()      # stride of each layer inside the loop, layers 2..N
     feedback_kernel: int = 5      # single-layer conv feedback
     spike_input: bool = False
-    solver: str = "broyden"
     description: str = ""
     table: dict = field(default_factory=dict)  # the paper's rounded counts, per class count
 
@@ -43,7 +43,7 @@ ARCHITECTURES = {
         table={10: ("1.2K", "478K")}),
     "nmnist_conv": Architecture(
         "conv", (2, 34, 34), (64,), input_kernel=5, input_stride=2, input_padding=2,
-        spike_input=True, solver="iter",
+        spike_input=True,
         description="64C5s (F64C5), N-MNIST spike input",
         table={10: ("21K", "291K")}),
     "alexnetf": Architecture(
@@ -59,7 +59,7 @@ ARCHITECTURES = {
 }
 
 
-def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver=None, threshold=30, tol=None):
+def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver="broyden", threshold=30, tol=None):
     """The FeedbackSNN of an Architecture."""
     w = arch.widths
     if arch.kind == "fc":
@@ -81,7 +81,7 @@ def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver=None, t
             feedback_op = nn.Conv2d(w[0], w[0], k, 1, k // 2, bias=False)
         feedback = Feedback(feedback_op, dropout=dropout)
     return FeedbackSNN(input_layer, layers, feedback, time_step=time_step, vth=vth, leak=leak,
-                       spike_input=arch.spike_input, solver=solver or arch.solver,
+                       spike_input=arch.spike_input, solver=solver,
                        threshold=threshold, tol=tol)
 
 
@@ -150,11 +150,12 @@ def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout
     """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
 
     `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
-    `solver` None takes the paper's choice for the net: 'iter' for nmnist_conv,
-    'broyden' for the others.
+    `solver` None takes the paper's choice for the net (`modules.settings.NETS`):
+    'iter' for nmnist_conv, 'broyden' for the others.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")
     leak = leaky if is_leaky(leaky) else 1.0
     return SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
-                         vth=vth, dropout=dropout, solver=solver, threshold=threshold, tol=tol)
+                         vth=vth, dropout=dropout, solver=solver or NETS[name].solver, threshold=threshold,
+                         tol=tol)

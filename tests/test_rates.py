@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import get_rate
-from modules import ARCHITECTURES, build_model
+from modules import ARCHITECTURES, NETS, build_model
 from modules.layers import Connection, Feedback
 from modules.snn import FeedbackSNN
 from tests.fakedata import make_cifar, make_mnist
@@ -138,7 +138,7 @@ def write_project_checkpoint(path, name, num_classes=10, time_step=2, leaky=0.99
     model = lively_(build_model(name, num_classes=num_classes, time_step=time_step, leaky=leaky), seed)
     atomic_save({'arch': name, 'state_dict': model.state_dict(), 'epoch': 3, 'acc': 10.0, 'best_acc': 10.0,
                  'model_args': {'num_classes': num_classes, 'time_step': time_step, 'leaky': leaky, 'vth': 2.0,
-                                'dropout': 0.2, 'solver': ARCHITECTURES[name].solver, 'threshold': 30}},
+                                'dropout': 0.2, 'solver': NETS[name].solver, 'threshold': 30}},
                 path)
     return model
 

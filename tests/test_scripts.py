@@ -151,7 +151,7 @@ def test_bad_flags_are_one_line(flags, flag, capsys):
 
 def test_leaky_outside_unit_interval_means_if():
     for value in ('0', '1', '1.5', '-2'):
-        args = build_parser('x', None, {'dataset': 'digits'}, ('digits',)).parse_args(['--leaky', value])
+        args = build_parser('mnist_conv').parse_args(['--leaky', value])
         assert neuron_line(args.leaky) == 'Neuron: IF'
 
 

@@ -44,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, VariationalDropout, build_model
+from modules import ARCHITECTURES, NETS, VariationalDropout, build_model
 
 NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
 # The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
@@ -77,7 +77,7 @@ def build_training(name, time_step, device, seed=0):
     """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer."""
     torch.manual_seed(seed)
     model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2,
-                        solver=ARCHITECTURES[name].solver).to(device).train()
+                        solver=NETS[name].solver).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return model, optimizer
 

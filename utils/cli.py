@@ -7,18 +7,11 @@ import sys
 
 import torch
 
-from modules import SOLVERS, is_leaky
+from modules import NETS, SOLVERS, is_leaky, settings
 
 OPTIMIZERS = ('SGD', 'Adam')
-
-# The paper's settings shared by every script; each script overrides some (DESIGN.md §5).
-COMMON_DEFAULTS = dict(
-    path='./data', workers=4, time_step=30, vth=2.0, leaky=None, epochs=100, start_epoch=0,
-    train_batch=128, test_batch=200, lr=0.05, warmup=0, drop=0.2, schedule=[30, 60, 90],
-    gamma=0.1, momentum=0.9, weight_decay=5e-4, optimizer='SGD', resume='',
-    manualSeed=None, evaluate=False, gpu_id=None, solver='broyden', threshold=30, tol=None,
-    sync_bn=False, amp=False,
-)
+# Defaults of the flags that are not the paper's settings (those come from modules.settings).
+RUN_DEFAULTS = dict(resume='', manualSeed=None, evaluate=False, gpu_id=None, sync_bn=False, amp=False)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,10 +66,13 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if '(default:' in (action.help or '') else super()._get_help_string(action)
 
 
-def build_parser(prog, description, defaults, datasets, suppress=False):
-    """The shared parser with a script's defaults; suppress=True leaves out every default (to see what was typed)."""
-    script = os.path.splitext(os.path.basename(prog))[0]
-    d = {'dataset': datasets[0], **COMMON_DEFAULTS, 'checkpoint': os.path.join('checkpoints', script), **defaults}
+def build_parser(arch, description=None, suppress=False):
+    """The training script's parser for network arch; suppress=True leaves out every default (to see what was typed)."""
+    net = NETS[arch]
+    prog = net.script
+    datasets = net.datasets
+    d = {**settings.defaults(arch), **RUN_DEFAULTS,
+         'checkpoint': os.path.join('checkpoints', os.path.splitext(prog)[0])}
 
     def default(key):
         """The default of key, or nothing at all."""
@@ -176,16 +172,16 @@ def select_gpus(parser, gpu_id):
     os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(names[i] for i in ids)
 
 
-def parse_args(argv, prog, description, defaults, datasets):
-    """Parse and validate argv; return (args, the set of flags given explicitly)."""
+def parse_args(arch, argv=None, description=None):
+    """Parse and validate argv for network arch's script; return (args, the set of flags given explicitly)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(prog, description, defaults, datasets)
+    parser = build_parser(arch, description)
     args = parser.parse_args(argv)
     check_args(parser, args)
     select_gpus(parser, args.gpu_id)
     if args.sync_bn and not torch.cuda.is_available():
         parser.error('--sync-bn: needs CUDA GPUs (SyncBatchNorm runs only there)')
-    explicit = set(vars(build_parser(prog, description, defaults, datasets, suppress=True).parse_args(argv)))
+    explicit = set(vars(build_parser(arch, description, suppress=True).parse_args(argv)))
     return args, explicit
 
 

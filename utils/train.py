@@ -19,7 +19,7 @@ import torch
 from progress.bar import Bar
 from torch import nn
 
-from modules import ARCHITECTURES, build_model
+from modules import ARCHITECTURES, NETS, build_model
 from utils import cli, distributed
 from utils.data import DataError, build_loaders, get_datasets
 from utils.io import (BEST_NAME, CheckpointError, load_checkpoint, load_into_model, rng_state,
@@ -694,15 +694,15 @@ def one_line(exc):
     return ' '.join(str(exc).split())
 
 
-def run(arch, argv, script, defaults, datasets, description=None):
-    """Parse argv with a script's defaults and data sets, then train or evaluate network `arch`.
+def run(arch, argv=None, description=None):
+    """Parse argv as network arch's training script, then train or evaluate it.
 
     Errors a user can fix (flags, data, checkpoints, a full disk) end in one
     line on stderr and exit code 1 (2 for flags); SIGINT/SIGTERM during
     training exit with 130/143 after saying how to resume.
     """
-    prog = os.path.basename(script)
-    args, explicit = cli.parse_args(argv, prog, description, defaults, datasets)
+    prog = NETS[arch].script
+    args, explicit = cli.parse_args(arch, argv, description)
     ctx = distributed.init_from_env()
     current = Run(arch, args, explicit, prog, ctx)
     try:
