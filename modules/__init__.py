@@ -1,4 +1,5 @@
 """IDE-FSNN: feedback spiking networks trained by implicit differentiation on the equilibrium state."""
+from .bptt import BPTT, METHODS, SURROGATES, gradient_method
 from .implicit import ImplicitGradient
 from .layers import Connection, Feedback, SpectralScale, VariationalDropout, unit_fanin_init_
 from .models import ARCHITECTURES, Architecture, SNNClassifier, build_model, build_snn
@@ -10,4 +11,5 @@ __all__ = [
     "ARCHITECTURES", "Architecture", "NETS", "NetSettings", "Connection", "Feedback", "FeedbackSNN", "ImplicitGradient",
     "SNNClassifier", "SOLVERS", "SpectralScale", "VariationalDropout", "broyden", "build_model",
     "build_snn", "fixed_point_iter", "get_solver", "is_leaky", "rate_weights", "unit_fanin_init_",
+    "BPTT", "METHODS", "SURROGATES", "gradient_method",
 ]

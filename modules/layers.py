@@ -44,34 +44,35 @@ def top_singular(matrix):
 
 
 class SpectralScale(nn.Module):
-    """Parametrization W = clamp(g, -r, r) · V / σ(V), σ the spectral norm of V as (dim 0, rest).
+    """Parametrization W = clamp(g, -1, 1) · V / σ(V), σ the spectral norm of V as (dim 0, rest).
 
     σ is estimated as u·(V v) with power-iteration vectors u, v (buffers). They
     advance by one step per training forward (`power_iteration`), never in
-    evaluation, so evaluating a model changes none of its state.
+    evaluation, so evaluating a model changes none of its state. Both σ and the
+    power iteration run in V's dtype even under autocast: bf16 products would
+    round u, v and σ to 8 bits of mantissa.
     """
 
-    def __init__(self, weight, bound=1.0):
+    def __init__(self, weight):
         super().__init__()
         u, sigma, v = top_singular(weight.detach().flatten(1))
-        self.bound = bound
         self.g = nn.Parameter(sigma)
         self.register_buffer("u", u)
         self.register_buffer("v", v)
 
     def forward(self, V):
         """Effective weight from the raw weight V."""
-        # The scale is computed in V's dtype: under autocast matmul would round σ to bf16.
         with torch.autocast(V.device.type, enabled=False):
             sigma = torch.dot(self.u, V.flatten(1) @ self.v)
-        return self.g.clamp(-self.bound, self.bound) * V / sigma
+        return self.g.clamp(-1.0, 1.0) * V / sigma
 
     @torch.no_grad()
     def power_iteration(self, V):
-        """One power-iteration step on V reshaped to (dim 0, rest)."""
+        """One power-iteration step on V reshaped to (dim 0, rest): v ← Vᵀu / ‖Vᵀu‖, u ← V v / ‖V v‖."""
         matrix = V.flatten(1)
-        self.v.copy_(F.normalize(matrix.t() @ self.u, dim=0, eps=1e-12))
-        self.u.copy_(F.normalize(matrix @ self.v, dim=0, eps=1e-12))
+        with torch.autocast(V.device.type, enabled=False):
+            self.v.copy_(F.normalize(matrix.t() @ self.u, dim=0, eps=1e-12))
+            self.u.copy_(F.normalize(matrix @ self.v, dim=0, eps=1e-12))
 
 
 class VariationalDropout(nn.Module):
@@ -130,6 +131,19 @@ def batch_stats(h, group=None):
     return total_mean + own_mean - own_mean.detach(), total_var + own_spread - own_spread.detach()
 
 
+def normalize_with(h, mean, var, bn):
+    """(h - mean) / sqrt(var + ε) · γ + β per channel (dim 1), with BN bn's ε, γ and β.
+
+    F.batch_norm refuses statistics that require a gradient (it treats them as
+    running statistics), so statistics that carry one are applied by the formula.
+    """
+    if not (mean.requires_grad or var.requires_grad):
+        return F.batch_norm(h, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    shape = (1, -1) + (1,) * (h.dim() - 2)
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
+    return (h - mean.view(shape)) * scale.view(shape) + bn.bias.view(shape)
+
+
 def sync_group(bn):
     """The process group over which a SyncBatchNorm normalises, or None (plain BN, or no process group)."""
     if not (isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
@@ -173,15 +187,13 @@ class Connection(nn.Module):
         """Batch-normalise h following the rule in the class docstring."""
         bn = self.bn
         if stats is not None:
-            mean, var = stats
-            return F.batch_norm(h, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            return normalize_with(h, *stats, bn)
         if self.training and update_stats:
             return bn(h)
         if self.training:
             group = sync_group(bn)
             if group is not None:  # --sync-bn: the whole batch's statistics, as bn(h) takes them
-                mean, var = batch_stats(h, group)
-                return F.batch_norm(h, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+                return normalize_with(h, *batch_stats(h, group), bn)
             return F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
         return F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
@@ -199,14 +211,14 @@ class Feedback(Connection):
     """The feedback operator W (single-layer nets) or W_fb (multi-layer nets).
 
     No bias and no BN; its weight is reparameterised with `SpectralScale` so that
-    its spectral norm stays at most `bound`, keeping the equilibrium contractive.
+    its spectral norm stays at most 1, keeping the equilibrium contractive.
     """
 
-    def __init__(self, linear, dropout=0.0, bound=1.0):
+    def __init__(self, linear, dropout=0.0):
         if linear.bias is not None:
             raise ValueError("the feedback operator has no bias")
         super().__init__(linear, bn=False, dropout=dropout)
-        parametrize.register_parametrization(linear, "weight", SpectralScale(linear.weight, bound))
+        parametrize.register_parametrization(linear, "weight", SpectralScale(linear.weight))
 
     @property
     def spectral(self):

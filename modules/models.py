@@ -7,6 +7,7 @@ from torch import nn
 
 from .layers import Connection, Feedback
 from .settings import NETS
+from .bptt import gradient_method
 from .snn import FeedbackSNN, is_leaky
 
 
@@ -146,16 +147,24 @@ class SNNClassifier(nn.Module):
 
 
 def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout=0.0,
-                solver=None, threshold=30, tol=None):
+                solver=None, threshold=30, tol=None, method="ide", surrogate="sigmoid", surrogate_alpha=None,
+                detach_reset=False):
     """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
 
     `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
     `solver` None takes the paper's choice for the net (`modules.settings.NETS`):
     'iter' for nmnist_conv, 'broyden' for the others.
+    `method` 'ide' trains by implicit differentiation, 'bptt' by back-propagation through
+    time (`modules.bptt`) with the `surrogate` spike derivative ('sigmoid', 'atan', 'rect')
+    of sharpness `surrogate_alpha` (None: the surrogate's default), `detach_reset` cutting
+    the reset term's gradient; evaluation is the same for both.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    bptt = gradient_method(method, surrogate, surrogate_alpha, detach_reset)
     leak = leaky if is_leaky(leaky) else 1.0
-    return SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
+    model = SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
                          vth=vth, dropout=dropout, solver=solver or NETS[name].solver, threshold=threshold,
                          tol=tol)
+    model.snn.bptt = bptt
+    return model

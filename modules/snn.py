@@ -22,12 +22,25 @@ from torch.nn.utils import parametrize
 
 from .implicit import ImplicitGradient
 from .layers import Feedback, VariationalDropout, batch_stats, sync_group
+from .precision import forward_precision, full_float32_vjp
 from .solvers import get_solver
 
 
 def is_leaky(leak):
     """True for a leak λ that makes a LIF neuron (0 < λ < 1); anything else means IF."""
     return leak is not None and 0.0 < leak < 1.0
+
+
+def forget_autocast_copies(device_type):
+    """Drop the low-precision weight copies autocast cached during a simulation (no-op outside autocast).
+
+    The simulation runs without autograd inside the caller's autocast region.
+    PyTorch releases before the fix of pytorch#112583 then hand f the cached
+    copies, which have no autograd history, so the input-layer and loop weights
+    would get no gradient (and DDP would wait for them forever).
+    """
+    if torch.is_autocast_enabled(device_type):
+        torch.clear_autocast_cache()
 
 
 def rate_weights(time_step, leak, dtype=torch.float32, device=None):
@@ -52,7 +65,7 @@ class FeedbackSNN(nn.Module):
     """
 
     def __init__(self, input_layer, layers, feedback, time_step=30, vth=2.0, leak=1.0,
-                 spike_input=False, solver="broyden", threshold=30, tol=None, jacobian_at_f=None):
+                 spike_input=False, solver="broyden", threshold=30, tol=None):
         super().__init__()
         if time_step < 1:
             raise ValueError(f"time_step must be >= 1, got {time_step}")
@@ -68,8 +81,10 @@ class FeedbackSNN(nn.Module):
         self.leak = leak if is_leaky(leak) else 1.0
         self.spike_input = spike_input
         self.configure_solver(solver, threshold, tol)
-        self.jacobian_at_f = len(layers) > 0 if jacobian_at_f is None else jacobian_at_f
+        self.jacobian_at_f = len(layers) > 0
         self.solver_stats = None
+        # A modules.bptt.BPTT trains by back-propagation through the simulation instead (None: IDE).
+        self.bptt = None
 
     def configure_solver(self, solver="broyden", threshold=30, tol=None):
         """Choose the adjoint solver, its iteration cap and optional tolerance."""
@@ -153,6 +168,7 @@ class FeedbackSNN(nn.Module):
                     if all_rates:
                         counts[l].add_(s[l])
                 state = s[-1].clone() if state is None else self._leak_(state).add_(s[-1])
+        forget_autocast_copies(x.device.type)
         norm = sum(self.leak ** k for k in range(self.time_step))
         rates = [c.div_(self.time_step) for c in counts] if all_rates else None
         return state.div_(norm), rates
@@ -187,26 +203,37 @@ class FeedbackSNN(nn.Module):
             if isinstance(module, VariationalDropout):
                 module.reset()
 
-    def forward(self, x):
-        """The state rate; in training its gradient is the implicit one."""
-        if self.training:
-            self.begin_forward()
-        rate, _ = self.simulate(x)
-        if not (self.training and torch.is_grad_enabled()):
-            return rate
+    def differentiable_parts(self, x, rate):
+        """(z, point, f_point): f at the state with autograd, and the point where J is taken with f there.
+
+        f_point's vector–Jacobian products in point run in full float32 (no
+        autocast, no TF32): bf16 or TF32 products would leave the adjoint
+        residual far above the level where the solve stops, so it would run
+        every iteration.
+        """
         # The only place where BN running statistics move: once per training step.
         current = self.input_layer(self.average_input(x), update_stats=True)
         state = rate.detach().requires_grad_()
         z = self.f(state, current, update_stats=True)
-        # The adjoint solve differentiates f in full precision even under autocast: bf16 products
-        # would leave its residual far above the stopping level, and it would run every iteration.
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if self.jacobian_at_f or autocast:
+        if self.jacobian_at_f or torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 point = (z if self.jacobian_at_f else state).detach().to(rate.dtype).requires_grad_()
                 f_point = self.f(point, current.detach().to(rate.dtype))
-        else:
+        else:  # J at the state, in the state's dtype: z's own graph serves
             point, f_point = state, z
+        return z, point, full_float32_vjp(point, f_point)
+
+    def forward(self, x):
+        """The state rate; in training its gradient is the implicit one (or BPTT's, see `bptt`)."""
+        if self.bptt is not None and self.training and torch.is_grad_enabled():
+            return self.bptt(self, x)
+        if self.training:
+            self.begin_forward()
+        with forward_precision():
+            rate, _ = self.simulate(x)
+            if not (self.training and torch.is_grad_enabled()):
+                return rate
+            z, point, f_point = self.differentiable_parts(x, rate)
         return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.solver == "iter",
                                       self._record)
 
@@ -218,5 +245,6 @@ class FeedbackSNN(nn.Module):
 
     def all_rates(self, x):
         """Firing rate of every spiking layer, each flattened to (B, n_l)."""
-        _, rates = self.simulate(x, all_rates=True)
+        with forward_precision():
+            _, rates = self.simulate(x, all_rates=True)
         return [r.flatten(1) for r in rates]

@@ -3,33 +3,49 @@
 Contract shared by every solver: `solve(func, y0, max_iter, tol, f0=None) -> (y, info)`
 finds a fixed point y = func(y) of a batched map on (B, n) tensors; `f0`, when
 the caller knows it, is func(y0) (e.g. v for the adjoint map at y0 = 0), which
-saves one evaluation. `info` holds `nstep` (iterations taken), `nfev` (calls of
-func), `residual` (‖func(y) - y‖ of the returned iterate over the whole batch),
-`init_residual` (the same at y0) and `trace` (the residual after each iteration).
+saves one evaluation. `info` holds
+
+- `nstep`: iterations taken; `nfev`: calls of func;
+- `residual`: ‖func(y) - y‖ over the whole batch at the returned y itself,
+  the map evaluated at that batch (a map may couple the samples, as batch
+  normalisation does, so per-sample residuals of different batches do not
+  add up to it);
+- `init_residual`: the same at y0; `trace`: the residual of the iterate the
+  solver would return after each iteration (index 0: y0);
+- `stop`: 'tol' when the residual fell below the stopping level, 'cap' when
+  the solver ran out of iterations;
+- `syncs`: how many times the solver copied values to the host, each a wait
+  for the device: one per iteration (the stop test) plus one, or a single one
+  for a solver without a stop test.
 
 `tol=None` keeps the paper's stopping rule: run `max_iter` iterations unless the
 whole-batch residual falls below 2e-10·sqrt(numel), i.e. practically never stop
 early. A float `tol` stops as soon as the residual has fallen below `tol` times
 its initial value (an option that saves iterations on easy batches).
+
+`SOLVERS` maps a name to a `Solver`: the function and what the adjoint solve
+needs to know about it (where it starts, which options it takes).
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
-def _norms_from_squares(squares):
-    """Per-sample L2 norms, as a list of floats, from squared norms (B,); non-finite ones become +inf."""
-    return [math.sqrt(s) if math.isfinite(s) else math.inf for s in squares.tolist()]
+class _HostReads:
+    """Copies of device values to the host, counted: each waits for the device's queued work."""
 
+    def __init__(self):
+        self.count = 0
 
-def _batch_norm(norms):
-    """Whole-batch L2 norm from per-sample norms (floats)."""
-    return math.sqrt(math.fsum(r * r for r in norms))
-
-
-def _mask(flags, like):
-    """A (B, 1) boolean tensor on like's device from B Python booleans."""
-    return torch.tensor(flags, device=like.device)[:, None]
+    def floats(self, tensor):
+        """tensor's values as Python floats (a list, or one float for a 0-d tensor); non-finite ones as +inf."""
+        self.count += 1
+        values = tensor.tolist()
+        if isinstance(values, float):
+            return _finite_or_inf(values)
+        return [_finite_or_inf(v) for v in values]
 
 
 def _finite_or_inf(value):
@@ -44,9 +60,10 @@ def _stop_level(init_residual, numel, tol):
     return tol * init_residual
 
 
-def _info(nstep, nfev, trace):
-    """The info dict every solver returns."""
-    return {"nstep": nstep, "nfev": nfev, "residual": trace[-1], "init_residual": trace[0], "trace": trace}
+def _info(nstep, nfev, trace, stopped, syncs, residual=None):
+    """The info dict every solver returns (residual: that of the returned y when it is not trace[-1])."""
+    return {"nstep": nstep, "nfev": nfev, "residual": trace[-1] if residual is None else residual,
+            "init_residual": trace[0], "trace": trace, "stop": "tol" if stopped else "cap", "syncs": syncs}
 
 
 def _dots(x, rows):
@@ -113,7 +130,7 @@ class _LowRankInverse:
 
 
 def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
-    """Limited-memory Broyden's (good) method for y = func(y); returns the lowest-residual iterate.
+    """Limited-memory Broyden's (good) method for y = func(y); returns each sample's lowest-residual iterate.
 
     Solves g(y) = func(y) - y = 0 per sample. The inverse Jacobian of g is
     approximated as H = -I + Σ_k u_k d_k w_kᵀ (exact for func ≡ const); the
@@ -131,6 +148,13 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     storage holds min(max_iter + 1, 3·memory + 2) vectors; when a long solve
     fills it, the basis is rewritten as the terms of H, the newest residual
     and H g (2·memory + 2 vectors), which leaves room for `memory` more.
+
+    The per-sample best iterates are chosen on the device; each iteration
+    reads three numbers on the host (the whole-batch residual for the stop
+    test, whether a sample diverged, whether the best iterates come from
+    different iterations). When they do, the returned batch was never
+    evaluated as a whole, and func is called once more to report its own
+    residual (`trace` keeps the per-sample best residuals the method saw).
     """
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
@@ -139,19 +163,20 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     gram = y0.new_zeros(B, capacity, capacity)
     H = _LowRankInverse(gram, memory)
     one_hot = torch.eye(capacity, dtype=y0.dtype, device=y0.device)
+    reads = _HostReads()
 
     y = y0
     g = torch.sub(func(y) if f0 is None else f0, y, out=basis[0])
     gram[:, 0, 0] = _dots(g, basis[:1]).squeeze(1)
     rows, last = 1, 0  # basis vectors in use; the newest residual's row
     Hg = -one_hot[0].expand(B, -1)  # coefficients of H g, with H = -I
-    # Per-sample residuals are tracked on the host: one transfer of B numbers per iteration.
-    best_res = _norms_from_squares(gram[:, 0, 0])
+    best_sq = _finite_squares(gram[:, 0, 0])  # (B,) squared residual of each sample's best iterate
     best_y = y  # never modified in place
-    residual = _batch_norm(best_res)
+    best_step = torch.zeros(B, dtype=torch.long, device=y0.device)  # the iteration each best iterate is from
+    residual = reads.floats(best_sq.sum().sqrt())
     stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
-    nstep = 0
+    nstep, mixed = 0, False
     while nstep < max_iter and not residual < stop:
         if rows == capacity:
             rows = H.compress(basis, torch.stack([one_hot[last].expand(B, -1), Hg], dim=1))
@@ -163,15 +188,17 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         nstep += 1
 
         dots = _dots(g, basis[:new + 1])  # g·b_j for j ≤ new
-        sample_res = _norms_from_squares(dots[:, new])
-        better = [r < b for r, b in zip(sample_res, best_res)]
-        best_res = [min(r, b) for r, b in zip(sample_res, best_res)]
-        residual = _batch_norm(best_res)  # +inf as soon as one sample's is
+        sample_sq = _finite_squares(dots[:, new])
+        diverged = torch.isinf(sample_sq)
+        better = sample_sq < best_sq
+        best_sq = torch.where(better, sample_sq, best_sq)
+        best_y = torch.where(better[:, None], y, best_y)
+        best_step = best_step.masked_fill(better, nstep)
+        # The one host read of the iteration. best_sq sums to +inf as soon as one sample's is.
+        residual, any_diverged, mixed = reads.floats(torch.stack([
+            best_sq.sum().sqrt(), diverged.any().to(y.dtype), (best_step.amin() != best_step.amax()).to(y.dtype)]))
         trace.append(residual)
-        # y is never modified in place, so when every sample improved it can be kept without a copy.
-        best_y = y if all(better) else torch.where(_mask(better, y), y, best_y)
-        diverged = [math.isinf(r) for r in sample_res]
-        bad = _mask(diverged, y) if any(diverged) else None
+        bad = diverged[:, None] if any_diverged else None
         if bad is not None:  # a non-finite residual is replaced by zero before it reaches the Gram matrix
             dots.masked_fill_(bad, 0.0)
             g.masked_fill_(bad, 0.0)
@@ -182,14 +209,54 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         u = H.apply(g_coeff, gram_coeff=g_gram)   # H g_new, before the update
         w = -H.apply(Hg, transpose=True)          # Hᵀ Δy = -Hᵀ H g
         # d = -1/(Δyᵀ H Δg) = -1/(w·g_new - w·g_old); a zero or non-finite denominator drops the update.
-        d = (-1.0 / (w * (g_gram - gram[:, :, last])).sum(1)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        w_g = (w * g_gram).sum(1)
+        d = (-1.0 / (w_g - (w * gram[:, :, last]).sum(1))).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        overwrites = nstep > memory
         H.store((nstep - 1) % memory, u, w, d)
-        Hg = H.apply(g_coeff, gram_coeff=g_gram)  # H g_new, after the update
+        if overwrites:  # the oldest term left H: apply it anew
+            Hg = H.apply(g_coeff, gram_coeff=g_gram)
+        else:  # (H + u d wᵀ) g_new = u (1 + d w·g_new), without another pass over H
+            Hg = u * (1.0 + d * w_g)[:, None]
         rows, last = new + 1, new
         if bad is not None:  # a diverged sample restarts from its best iterate
             Hg = Hg.masked_fill(bad, 0.0)
             y = torch.where(bad, best_y, y)
-    return best_y, _info(nstep, nstep + (f0 is None), trace)
+    nfev = nstep + (f0 is None)
+    true_residual = None
+    if mixed:
+        true_residual = reads.floats((func(best_y) - best_y).norm())
+        nfev += 1
+    return best_y, _info(nstep, nfev, trace, residual < stop, reads.count, true_residual)
+
+
+def _finite_squares(squares):
+    """Squared norms (B,) with NaN and infinite ones as +inf."""
+    return squares.nan_to_num(nan=math.inf, posinf=math.inf)
+
+
+def _damped_iteration(func, y0, max_iter, tol, f0, damping, stop_test):
+    """y ← y + damping·(func(y) - y), max_iter times or until the stop test holds; returns the last iterate.
+
+    Without a stop test the residual norms stay on the device and reach the
+    host once, at the end.
+    """
+    reads = _HostReads()
+    y = y0
+    r = (func(y) if f0 is None else f0) - y
+    norms = [r.norm()]  # device scalars, read at once when there is no stop test
+    trace = [reads.floats(norms[0])] if stop_test else None
+    stop = _stop_level(trace[0], r.numel(), tol) if stop_test else None
+    nstep = 0
+    while nstep < max_iter and not (stop_test and trace[-1] < stop):
+        y = torch.add(y, r, alpha=damping)  # one pass; for damping ½ equal to y + ½·r, halving being exact
+        nstep += 1
+        r = func(y) - y
+        norms.append(r.norm())
+        if stop_test:
+            trace.append(reads.floats(norms[-1]))
+    if not stop_test:
+        trace = reads.floats(torch.stack(norms))
+    return y, _info(nstep, nstep + (f0 is None), trace, stop_test and trace[-1] < stop, reads.count)
 
 
 def fixed_point_iter(func, y0, max_iter=30, tol=None, f0=None):
@@ -199,22 +266,111 @@ def fixed_point_iter(func, y0, max_iter=30, tol=None, f0=None):
     update is the solution itself. (The paper's release damped with
     y ← (y + r(y))/2, whose fixed point is v(2I - J)⁻¹ instead of v(I - J)⁻¹.)
     """
+    return _damped_iteration(func, y0, max_iter, tol, f0, 0.5, stop_test=True)
+
+
+def phantom_steps(func, y0, max_iter=5, tol=None, f0=None, tau=0.5):
+    """Exactly max_iter damped steps y ← (1 - τ)·y + τ·func(y) (`tol` is ignored); returns the last iterate.
+
+    From y0 = 0 on the adjoint map y ↦ v + y·J this is the phantom gradient
+    y_K = τ Σ_{j<K} v M^j, M = (1 - τ) I + τ J (Geng et al., NeurIPS 2021): a
+    truncated series for v (I - J)⁻¹ that costs K vector-Jacobian products
+    (K - 1 for the steps, one for the residual of y_K) and no host read but
+    the final one. K = 1, τ = 1 gives y = v: Jacobian-free backpropagation.
+    """
+    return _damped_iteration(func, y0, max_iter, None, f0, tau, stop_test=False)
+
+
+def anderson(func, y0, max_iter=30, tol=None, memory=5, f0=None, beta=1.0, regularization=None):
+    """Anderson acceleration (type II) for y = func(y); returns the lowest-residual iterate of the whole batch.
+
+    With the last m = `memory` iterates y_i and their residuals g_i = func(y_i) - y_i,
+    each sample takes the weights α (Σ α_i = 1) minimising ‖Σ α_i g_i‖ and steps
+    to y = Σ α_i (y_i + β g_i) (β = `beta`, 1: undamped). On a linear map
+    with full memory this is GMRES in disguise (Walker & Ni, 2011). α comes
+    from the Gram matrix of the g_i, scaled by its largest diagonal entry and
+    regularised by `regularization`·I (default 100 × the dtype's machine
+    epsilon), so a rank-deficient history (repeated or zero residuals) gives
+    finite weights instead of a singular system. A non-finite residual sends
+    the method back to its best iterate with an empty history.
+
+    Each iteration stores y and g (2·m vectors of (B, n) in all), reads the
+    stored residuals once for the new Gram row and the stored pairs once for
+    the step, and reads two numbers on the host (the whole-batch residual
+    and whether it is finite). The returned iterate is one the map was
+    evaluated at as a whole, so `residual` is exact even for maps that couple
+    the samples.
+    """
+    B, n = y0.shape
+    memory = max(1, min(memory, max_iter))
+    eps = regularization if regularization is not None else 100 * torch.finfo(y0.dtype).eps
+    Y, G = y0.new_empty(memory, B, n), y0.new_empty(memory, B, n)  # the history, a ring of slots
+    gram = y0.new_zeros(B, memory, memory)
+    eye = torch.eye(memory, dtype=y0.dtype, device=y0.device)
+    reads = _HostReads()
+
     y = y0
-    r = (func(y) if f0 is None else f0) - y
-    residual = float(r.norm())
-    stop = _stop_level(residual, r.numel(), tol)
+    g = (func(y) if f0 is None else f0) - y
+    best_y, best_g, best_sq = y, g, (g * g).sum()
+    residual = reads.floats(best_sq.sqrt())
+    stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
-    nstep = 0
+    nstep, stored = 0, 0  # stored: history entries since the start or the last restart
     while nstep < max_iter and not residual < stop:
-        y = torch.add(y, r, alpha=0.5)  # one pass; equals y + 0.5·r, halving being exact for normal floats
-        nstep += 1
-        r = func(y) - y
-        residual = _finite_or_inf(float(r.norm()))
+        slot, size = stored % memory, min(stored + 1, memory)
+        Y[slot], G[slot] = y, g
+        dots = _dots(g, G[:size])  # (B, size)
+        gram[:, slot, :size] = dots
+        gram[:, :size, slot] = dots
+        alpha = _anderson_weights(gram[:, :size, :size], eye[:size, :size], eps)  # (B, size)
+        # y = Σ α_i (y_i + β g_i) per sample: (B, 1, size) @ (B, size, n).
+        y = torch.bmm(alpha[:, None], (Y[:size] + beta * G[:size]).transpose(0, 1)).squeeze(1)
+        g = func(y) - y
+        nstep, stored = nstep + 1, stored + 1
+        sq = (g * g).sum()
+        better = sq < best_sq  # False for NaN
+        best_y, best_g = torch.where(better, y, best_y), torch.where(better, g, best_g)
+        best_sq = torch.where(better, sq, best_sq)
+        residual, finite = reads.floats(torch.stack([best_sq.sqrt(), torch.isfinite(sq).to(y.dtype)]))
         trace.append(residual)
-    return y, _info(nstep, nstep + (f0 is None), trace)
+        if finite != 1.0:  # restart from the best iterate with an empty history
+            y, g, stored = best_y, best_g, 0
+            gram.zero_()
+    return best_y, _info(nstep, nstep + (f0 is None), trace, residual < stop, reads.count)
 
 
-SOLVERS = {"broyden": broyden, "iter": fixed_point_iter}
+def _anderson_weights(gram, eye, eps):
+    """α (B, k) minimising ‖Σ α_i g_i‖ subject to Σ α_i = 1, from the residuals' Gram matrix (B, k, k).
+
+    α = A⁻¹1 / (1ᵀA⁻¹1) with A = gram / max diag + eps·I, symmetric positive definite.
+    """
+    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
+    A = gram / scale[:, None, None] + eps * eye
+    ones = torch.ones(A.shape[:2] + (1,), dtype=A.dtype, device=A.device)
+    # solve_ex: no host read for the error check, and A is never singular.
+    z = torch.linalg.solve_ex(A, ones)[0].squeeze(2)
+    return z / z.sum(1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: its function (the contract above) and what its callers need to know.
+
+    starts_from_v: the adjoint solve starts it from y0 = v (the damped iteration,
+    whose first step then already mixes in v·J) rather than from y0 = 0 with
+    f0 = v (which saves a vector-Jacobian product). options: the keyword
+    options beyond the contract that it takes.
+    """
+    solve: Callable
+    starts_from_v: bool = False
+    options: tuple = ()
+
+
+SOLVERS = {
+    "broyden": Solver(broyden, options=("memory",)),
+    "anderson": Solver(anderson, options=("memory", "beta")),
+    "iter": Solver(fixed_point_iter, starts_from_v=True),
+}
 
 
 def get_solver(name):

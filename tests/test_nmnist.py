@@ -7,6 +7,10 @@ zero, channel (x-1)·34 + y (+1156 for ON), bin ceil(ts / 3000).
 
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +18,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.nmnist_fakes import make_nmnist_tree, random_events, write_bin
+from tests.nmnist_fakes import make_nmnist_tree, random_events, write_bin, write_raw_tree
 from utils import nmnist
-from utils.nmnist_convert import main as convert_main
+from utils.data import DataError, get_datasets
+from utils.nmnist_convert import convert_tree, main as convert_main
 
+REPO = Path(__file__).resolve().parent.parent
 SAMPLE = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "nmnist_sample.bin"
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="real N-MNIST sample not available")
 
@@ -336,6 +342,37 @@ def test_root_without_either_layout(tmp_path):
         nmnist.NMNIST(tmp_path, train=False, time_step=30)
 
 
+def test_split_holding_both_formats_is_refused(tmp_path):
+    """A split with .dat and .bin files (a conversion in place) would be read only in part: refused, with counts."""
+    make_nmnist_tree(tmp_path, "raw", per_class=2)
+    for digit in (0, 1):
+        (tmp_path / "Train" / str(digit) / "1.dat").write_text("1\t1\t\n")
+    with pytest.raises(ValueError) as err:
+        nmnist.NMNIST(tmp_path, train=True, time_step=5, cache=False)
+    message = str(err.value)
+    assert str(tmp_path / "Train") in message and "2 .dat" in message and "20 .bin" in message
+    assert "\n" not in message
+    assert len(nmnist.NMNIST(tmp_path, train=False, time_step=5, cache=False)) == 20
+
+
+def test_mixed_split_is_one_line_data_error(tmp_path):
+    """What the scripts print: one DataError line naming both counts."""
+    make_nmnist_tree(tmp_path, "raw", per_class=1)
+    (tmp_path / "Test" / "9" / "1.dat").write_text("1\t1\t\n")
+    with pytest.raises(DataError, match=r"1 \.dat and 10 \.bin"):
+        get_datasets("nmnist", str(tmp_path), time_step=5)
+
+
+@pytest.mark.skipif(os.path.normcase("A") == "a", reason="case-insensitive file names")
+def test_both_split_name_spellings_are_refused(tmp_path):
+    """`Train` and `train` side by side: reading one would drop the other's files."""
+    make_nmnist_tree(tmp_path, "raw", per_class=1)
+    write_bin(tmp_path / "train" / "3" / "00001.bin", [(3, 5, ON, 1000)])
+    with pytest.raises(ValueError, match="both .*Train.* and .*train"):
+        nmnist.NMNIST(tmp_path, train=True, time_step=5, cache=False)
+    assert len(nmnist.NMNIST(tmp_path, train=False, time_step=5, cache=False)) == 10
+
+
 # --- converter CLI -------------------------------------------------------------
 
 
@@ -389,3 +426,115 @@ def test_cli_input_errors_are_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(raw) in err
     assert not (tmp_path / "out").exists()
+
+
+# The real command line, each file slowed down by 30 ms so that a signal reliably lands mid-way.
+SLOW_CONVERTER = """
+import sys, time
+from utils import nmnist, nmnist_convert
+real = nmnist.convert_bin
+def slow(path):
+    time.sleep(0.03)
+    return real(path)
+nmnist.convert_bin = slow
+sys.exit(nmnist_convert.main(sys.argv[1:]))
+"""
+
+
+def tree_files(root):
+    """{relative path: bytes} of every file under root, hidden ones included."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def interrupt_converter(raw, out, jobs, signum):
+    """Start the converter, send signum once its first file is complete; return (exit code, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERTER, str(raw), str(out), "-j", str(jobs)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.rglob("*.dat")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Ctrl-C reaches the whole foreground group (workers too); SIGTERM only the command itself.
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("jobs, signum", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
+def test_cli_interrupted_then_resumed(tmp_path, capsys, jobs, signum):
+    """Ctrl-C (or SIGTERM) mid-way: one line and 128 + signal; only whole files and the unfinished-marker
+    stay; the data set reader and a plain re-run refuse; --resume completes to the uninterrupted output."""
+    raw, out, reference = tmp_path / "raw", tmp_path / "out", tmp_path / "reference"
+    write_raw_tree(raw, per_class=5, events=(5, 20))
+    convert_tree(raw, reference)
+    expected = tree_files(reference)
+    assert len(expected) == 100
+
+    code, err = interrupt_converter(raw, out, jobs, signum)
+    assert code == 128 + signum, err
+    lines = [line for line in err.splitlines() if not re.fullmatch(r"converted \d+/100", line)]
+    assert len(lines) == 1 and lines[0].startswith("nmnist_convert: interrupted"), err
+    assert lines[0].endswith(f"{raw} {out}{' -j 2' if jobs > 1 else ''} --resume")
+    left = tree_files(out)
+    marker = left.pop(nmnist.UNFINISHED_MARKER)
+    assert marker.decode().strip() == str(raw.resolve())
+    # Only complete files under their final names, each identical to the uninterrupted conversion's.
+    assert 0 < len(left) < len(expected), "the signal did not land mid-way"
+    assert all(expected.get(name) == data for name, data in left.items()), sorted(set(left) - set(expected))
+    assert f"{len(left)} of the 100 files are complete" in lines[0]
+    with pytest.raises(ValueError, match="did not finish.*--resume"):
+        nmnist.NMNIST(out, train=True, time_step=5, cache=False)
+
+    capsys.readouterr()
+    assert convert_main([str(raw), str(out)]) == 1
+    refused = capsys.readouterr().err
+    assert len(refused.strip().splitlines()) == 1 and "refusing to overwrite" in refused and "--resume" in refused
+
+    assert convert_main([str(raw), str(out), "--resume", "-j", str(jobs)]) == 0
+    assert f"wrote {100 - len(left)} files" in capsys.readouterr().out
+    assert tree_files(out) == expected
+    assert len(nmnist.NMNIST(out, train=True, time_step=5)) == 50
+
+
+def test_cli_resume_removes_a_killed_writes_temporary(tmp_path):
+    """A temporary left by a killed process is removed; complete files are kept, not rewritten."""
+    raw, out = write_raw_tree(tmp_path / "raw", per_class=1), tmp_path / "out"
+    convert_tree(raw, out)
+    kept = out / "Train" / "3" / "1.dat"
+    kept.write_text("kept as it is")
+    (out / "Test" / "4" / "1.dat").unlink()
+    stale = out / "Test" / "4" / ".1.dat.0123456789ab.tmp"
+    stale.write_text("half a fi")
+    assert convert_main([str(raw), str(out), "--resume"]) == 0
+    assert kept.read_text() == "kept as it is" and not stale.exists()
+    assert (out / "Test" / "4" / "1.dat").read_text() == nmnist.convert_bin(raw / "Test" / "4" / "00000.bin")
+
+
+def test_cli_resume_refuses_another_raw_dirs_conversion(tmp_path, capsys):
+    raw, other, out = tmp_path / "raw", tmp_path / "other", tmp_path / "out"
+    write_raw_tree(raw, per_class=1)
+    write_raw_tree(other, per_class=1, seed=1)
+    out.mkdir()
+    (out / nmnist.UNFINISHED_MARKER).write_text(f"{other}\n")
+    capsys.readouterr()
+    assert convert_main([str(raw), str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"unfinished conversion of {other}" in err
+    assert not (out / "Train").exists()
+
+
+def test_cli_refuses_converting_in_place(tmp_path, capsys):
+    raw = write_raw_tree(tmp_path / "raw", per_class=1)
+    capsys.readouterr()
+    assert convert_main([str(raw), str(raw / "." )]) == 1
+    assert "OUT_DIR is RAW_DIR" in capsys.readouterr().err
+    assert not list(raw.rglob("*.dat"))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from modules import ARCHITECTURES, NETS, VariationalDropout, build_model
 
-NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
+BENCH_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
 # The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
 LEAK = {"mnist_conv": 0.95, "fashion_mlp": 0.95, "nmnist_conv": 0.95, "alexnetf": 0.99, "cifarnetf": 0.99}
 # Small batches keep the whole CPU table within minutes on two cores.
@@ -319,7 +319,7 @@ def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS))
+    p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
     p.add_argument("--batch", type=int, default=None,
                    help="batch size of every net (default: 32 on CUDA; per net on the CPU: "

@@ -7,11 +7,15 @@ import sys
 
 import torch
 
-from modules import NETS, SOLVERS, is_leaky, settings
+from modules import ARCHITECTURES, NETS, SOLVERS, is_leaky, settings
 
 OPTIMIZERS = ('SGD', 'Adam')
+# Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
+LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch', 'deterministic',
+               'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
-RUN_DEFAULTS = dict(resume='', manualSeed=None, evaluate=False, gpu_id=None, sync_bn=False, amp=False)
+RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, gpu_id=None, sync_bn=False,
+                    amp=False)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,6 +63,11 @@ PROBABILITY = _number(float, 'a number in [0, 1)', _finite(lambda v: 0 <= v < 1)
 ANY_FLOAT = _number(float, 'a number', math.isfinite)
 
 
+def TOLERANCE(text):
+    """A --tol value: a number > 0, or none for the paper's stopping rule."""
+    return None if text.strip().lower() == 'none' else POSITIVE(text)
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, unless its help already says what the default is."""
 
@@ -69,37 +78,54 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(arch, description=None, suppress=False):
     """The training script's parser for network arch; suppress=True leaves out every default (to see what was typed)."""
     net = NETS[arch]
-    prog = net.script
-    datasets = net.datasets
-    d = {**settings.defaults(arch), **RUN_DEFAULTS,
-         'checkpoint': os.path.join('checkpoints', os.path.splitext(prog)[0])}
+    values = {**settings.defaults(arch), **RUN_DEFAULTS,
+              'checkpoint': os.path.join('checkpoints', os.path.splitext(net.script)[0])}
 
     def default(key):
         """The default of key, or nothing at all."""
-        return argparse.SUPPRESS if suppress else d[key]
+        return argparse.SUPPRESS if suppress else values[key]
 
-    p = OneLineParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
-    add = p.add_argument
-    group = p.add_argument_group('data')
-    group.add_argument('-d', '--dataset', default=default('dataset'), choices=datasets)
+    parser = OneLineParser(prog=net.script, description=description, formatter_class=DefaultsHelpFormatter)
+    for add_flags in (_data_flags, _network_flags, _gradient_flags, _optimisation_flags, _run_flags, _device_flags):
+        add_flags(parser, default, net)
+    return parser
+
+
+def _data_flags(parser, default, net):
+    """Where the data is and how it is loaded."""
+    group = parser.add_argument_group('data')
+    group.add_argument('-d', '--dataset', default=default('dataset'), choices=net.datasets)
     group.add_argument('--path', default=default('path'), help='data folder')
     group.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=default('workers'),
                        help='data loading processes (0: load in the main process)')
-    group = p.add_argument_group('network')
+
+
+def _network_flags(parser, default, net):
+    """The network's dynamics."""
+    group = parser.add_argument_group('network')
     group.add_argument('-t', '--time_step', type=POSITIVE_INT, default=default('time_step'),
                        help='simulation time steps T')
     group.add_argument('--vth', type=POSITIVE, default=default('vth'), help='firing threshold')
     group.add_argument('--leaky', type=ANY_FLOAT, default=default('leaky'),
                        help='LIF leak in (0, 1); any other value (or none) means IF neurons')
     group.add_argument('--drop', type=PROBABILITY, default=default('drop'), help='variational dropout rate')
+
+
+def _gradient_flags(parser, default, net):
+    """How the gradient is obtained: the implicit backward pass and its solver, or BPTT."""
+    group = parser.add_argument_group('gradient')
     group.add_argument('--solver', default=default('solver'), choices=sorted(SOLVERS),
                        help='adjoint solver of the implicit backward pass')
     group.add_argument('--threshold', type=POSITIVE_INT, default=default('threshold'),
                        help='maximum solver iterations')
-    group.add_argument('--tol', type=POSITIVE, default=default('tol'),
-                       help='stop the solver at this relative residual (default: the paper\'s rule, '
-                            'run all iterations)')
-    group = p.add_argument_group('optimisation')
+    group.add_argument('--tol', type=TOLERANCE, default=default('tol'),
+                       help='stop the solver once the residual fell by this factor; none: the paper\'s rule, '
+                            'run all iterations (default: none)')
+
+
+def _optimisation_flags(parser, default, net):
+    """The optimizer and its schedule."""
+    group = parser.add_argument_group('optimisation')
     group.add_argument('--epochs', type=POSITIVE_INT, default=default('epochs'))
     group.add_argument('--start-epoch', type=NON_NEGATIVE_INT, default=default('start_epoch'),
                        help='epoch to start a new run at (a resumed run continues from its checkpoint)')
@@ -115,25 +141,36 @@ def build_parser(arch, description=None, suppress=False):
     group.add_argument('--gamma', type=POSITIVE, default=default('gamma'))
     group.add_argument('--momentum', type=NON_NEGATIVE, default=default('momentum'), help='SGD momentum')
     group.add_argument('--weight-decay', '--wd', type=NON_NEGATIVE, default=default('weight_decay'))
-    group.add_argument('--amp', action='store_true', default=default('amp'),
-                       help='bfloat16 autocast around the forward pass')
-    group = p.add_argument_group('run')
+
+
+def _run_flags(parser, default, net):
+    """Where the run's files go, what it continues from, and what it does."""
+    group = parser.add_argument_group('run')
     group.add_argument('-c', '--checkpoint', default=default('checkpoint'),
                        help='folder for checkpoints and logs (resuming: the resumed file\'s folder)')
     group.add_argument('--resume', default=default('resume'), metavar='FILE',
                        help='checkpoint to continue training from (or to evaluate with -e)')
+    group.add_argument('--rewind', action='store_true', default=default('rewind'),
+                       help='resume an earlier checkpoint of the folder\'s run (e.g. model_best) in that folder; '
+                            'the later epochs\' log and checkpoint are kept aside')
     group.add_argument('-e', '--evaluate', action='store_true', default=default('evaluate'),
                        help='only evaluate the --resume checkpoint on the test set; writes nothing')
     group.add_argument('--manualSeed', type=SEED, default=default('manualSeed'),
                        help='random seed (default: a random one, printed)')
+
+
+def _device_flags(parser, default, net):
+    """Devices, processes and number formats."""
+    group = parser.add_argument_group('devices')
     group.add_argument('--gpu-id', default=default('gpu_id'),
                        help='comma-separated GPU indices to use (default: all visible)')
     group.add_argument('--sync-bn', action='store_true', default=default('sync_bn'),
                        help='synchronise BatchNorm statistics across processes (torchrun)')
-    return p
+    group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=default('amp'),
+                       help='bfloat16 autocast for the linear operators (GPUs, and CPUs with AVX512-BF16 or AMX)')
 
 
-def check_args(parser, args):
+def check_args(parser, args, arch):
     """Cross-flag checks argparse cannot express; parser.error on the first failure."""
     schedule = args.schedule
     if any(b <= a for a, b in zip(schedule, schedule[1:])):
@@ -142,6 +179,12 @@ def check_args(parser, args):
         parser.error('--evaluate: needs --resume FILE, the checkpoint to evaluate')
     if not args.resume and args.start_epoch >= args.epochs:
         parser.error(f'--start-epoch: expected an epoch below --epochs ({args.epochs}), got {args.start_epoch}')
+    if args.rewind and not args.resume:
+        parser.error('--rewind: needs --resume FILE, the earlier checkpoint to continue from')
+    if args.train_batch < 2 and not args.evaluate and ARCHITECTURES[arch].kind == 'fc':
+        # BatchNorm1d normalises each unit over the batch alone: one sample has no variance.
+        parser.error(f'--train-batch: {arch} normalises each unit over the training batch, which needs at '
+                     f'least 2 samples, got {args.train_batch}')
 
 
 def parse_gpu_ids(text):
@@ -154,35 +197,71 @@ def parse_gpu_ids(text):
 
 
 def select_gpus(parser, gpu_id):
-    """Validate --gpu-id and restrict CUDA_VISIBLE_DEVICES to it; must run before CUDA is initialised."""
+    """Validate --gpu-id and restrict CUDA_VISIBLE_DEVICES to it (before CUDA is initialised).
+
+    Returns the lines a user should read about the choice (none when there is nothing to say).
+    """
     if gpu_id is None:
-        return
+        return []
     ids = parse_gpu_ids(gpu_id)
     if ids is None:
         parser.error(f'--gpu-id: expected distinct comma-separated GPU indices such as 0 or 0,1, got {gpu_id!r}')
     # NVML counts the GPUs without initialising CUDA, so the mask set below still takes effect.
     visible = torch.cuda.device_count()
     if visible == 0:
-        return
+        return [f'warning: --gpu-id {gpu_id}: no CUDA GPU is available here; running on the CPU']
     if any(i >= visible for i in ids):
         parser.error(f'--gpu-id: expected indices in 0..{visible - 1} ({visible} GPUs visible), got {gpu_id}')
     # Indices count among the GPUs already visible, so an outer CUDA_VISIBLE_DEVICES is respected.
     outer = os.environ.get('CUDA_VISIBLE_DEVICES')
     names = [part.strip() for part in outer.split(',')] if outer else [str(i) for i in range(visible)]
     os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(names[i] for i in ids)
+    if len(ids) > 1 and int(os.environ.get('WORLD_SIZE', '1')) == 1:
+        return [f'warning: --gpu-id {gpu_id}: one process trains on one GPU, the first of them; '
+                f'launch torchrun --nproc_per_node={len(ids)} to train on all {len(ids)}']
+    return []
 
 
 def parse_args(arch, argv=None, description=None):
-    """Parse and validate argv for network arch's script; return (args, the set of flags given explicitly)."""
+    """Parse and validate argv for network arch's script.
+
+    Returns (args, the set of flags typed, lines to show the user about the devices).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(arch, description)
     args = parser.parse_args(argv)
-    check_args(parser, args)
-    select_gpus(parser, args.gpu_id)
+    check_args(parser, args, arch)
+    notes = select_gpus(parser, args.gpu_id)
     if args.sync_bn and not torch.cuda.is_available():
         parser.error('--sync-bn: needs CUDA GPUs (SyncBatchNorm runs only there)')
     explicit = set(vars(build_parser(arch, description, suppress=True).parse_args(argv)))
-    return args, explicit
+    return args, explicit, notes
+
+
+def adopt_saved_flags(args, explicit, saved):
+    """Take every flag not typed now from a resumed run's flags (saved).
+
+    A typed flag wins. Returns (taken, overridden): the saved values taken
+    where they differ from this script's defaults, and the saved values a typed
+    flag replaced, each as {flag: (saved value, value used)}.
+    """
+    taken, overridden = {}, {}
+    for key, value in (saved or {}).items():
+        if not hasattr(args, key) or key in LOCAL_FLAGS:
+            continue
+        if key in explicit:
+            if getattr(args, key) != value:
+                overridden[key] = (value, getattr(args, key))
+        else:
+            if getattr(args, key) != value:
+                taken[key] = (getattr(args, key), value)
+            setattr(args, key, value)
+    return taken, overridden
+
+
+def flag_changes(changes):
+    """'name=value, ...' or 'name old -> new, ...' for the dicts adopt_saved_flags returns."""
+    return ', '.join(f'--{k.replace("_", "-")} {a} -> {b}' for k, (a, b) in sorted(changes.items()))
 
 
 def neuron_line(leaky):

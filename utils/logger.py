@@ -1,9 +1,10 @@
 """Tab-separated training log, one line per epoch, and a plot of its curves."""
+import math
 import os
 
 from matplotlib.figure import Figure
 
-from utils.io import append_line, atomic_write
+from utils.io import append_line, atomic_write, atomic_write_text
 
 DEFAULT_NAMES = ('Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.')
 
@@ -15,6 +16,11 @@ def _read_text(path):
             return f.read()
     except FileNotFoundError:
         return ''
+
+
+def as_written(row):
+    """A row of numbers as the log writes them (6 decimals; nan compares equal to nan)."""
+    return [f'{float(v):.6f}' for v in row]
 
 
 def _parse_row(line, width):
@@ -68,17 +74,35 @@ class Logger:
         append_line(self.fpath, line)
 
     def set_names(self, names):
-        """Name the columns and write the header; a resumed log must keep its columns."""
+        """Name the columns and write the header; a resumed log keeps its columns or gains new ones at the end."""
         names = list(names)
         if self._header_written:
-            if names != self.names:
+            if names == self.names:
+                return
+            if names[:len(self.names)] != self.names:
                 raise ValueError(f'{self.fpath} has the columns {self.names}, '
                                  f'this run writes {names}: use another checkpoint folder')
+            self._add_columns(names)
             return
         self.names = names
         self.numbers = {name: [] for name in names}
         self._write('\t'.join(names))
         self._header_written = True
+
+    def _add_columns(self, names):
+        """Rewrite a log of an earlier version (fewer columns, a prefix of names) with nan in the new columns."""
+        rows = self.rows()
+        for name in names[len(self.names):]:
+            self.numbers[name] = [math.nan] * len(rows)
+        self.names = names
+        lines = ['\t'.join(names)] + ['\t'.join(as_written(row + [math.nan] * (len(names) - len(row))))
+                                     for row in rows]
+        atomic_write_text(self.fpath, '\n'.join(lines) + '\n')
+        self._pending_newline = False
+
+    def rows(self):
+        """The rows read or written so far, as lists of floats."""
+        return [list(row) for row in zip(*(self.numbers[name] for name in self.names))]
 
     def append(self, values):
         """Write one line of numbers (6 decimals), one per column, and fsync it."""
@@ -100,24 +124,26 @@ class Logger:
         differs (kept from a run resumed from an earlier checkpoint) gets the
         newest row only.
         """
-        logged = [list(row) for row in zip(*(self.numbers[name] for name in self.names))]
-        as_written = [[float(f'{float(v):.6f}') for v in row] for row in history]
-        fresh = len(logged) < len(history) and logged == as_written[:len(logged)]
+        logged = [as_written(row) for row in self.rows()]
+        fresh = len(logged) < len(history) and logged == [as_written(row) for row in history[:len(logged)]]
         for row in history[len(logged) if fresh else len(history) - 1:]:
             self.append(row)
 
     def plot(self, path_png):
-        """Save loss and accuracy curves against epoch as a PNG, atomically."""
+        """Save loss, accuracy and (when logged) residual curves against epoch as a PNG, atomically."""
         # A bare Figure renders with Agg and never touches pyplot's global state or a display.
-        fig = Figure(figsize=(10, 4))
-        ax_loss, ax_acc = fig.subplots(1, 2)
-        for name, values in self.numbers.items():
-            epochs = range(1, len(values) + 1)
-            if 'loss' in name.lower():
-                ax_loss.plot(epochs, values, label=name)
-            elif 'acc' in name.lower():
-                ax_acc.plot(epochs, values, label=name)
-        for ax, ylabel in ((ax_loss, 'loss'), (ax_acc, 'accuracy (%)')):
+        residuals = {name: values for name, values in self.numbers.items()
+                     if 'res.' in name.lower() and any(v > 0 and math.isfinite(v) for v in values)}
+        fig = Figure(figsize=(15 if residuals else 10, 4))
+        axes = fig.subplots(1, 3 if residuals else 2)
+        panels = [(axes[0], 'loss', 'loss'), (axes[1], 'acc', 'accuracy (%)')]
+        if residuals:
+            panels.append((axes[2], 'res.', 'relative residual'))
+            axes[2].set_yscale('log')
+        for ax, key, ylabel in panels:
+            for name, values in self.numbers.items():
+                if key in name.lower() and (key != 'res.' or name in residuals):
+                    ax.plot(range(1, len(values) + 1), values, label=name)
             ax.set_xlabel('epoch')
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)

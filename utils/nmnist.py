@@ -33,6 +33,8 @@ EVENT_BYTES = 5
 EVENT_DTYPE = np.dtype([("x", np.uint8), ("y", np.uint8), ("p", np.uint8), ("ts", np.uint32)])
 SPLIT_NAMES = {True: ("Train", "train"), False: ("Test", "test")}
 FORMAT_SUFFIX = {"text": ".dat", "raw": ".bin"}
+# nmnist_convert keeps this file in OUT_DIR (holding RAW_DIR) until every file is written.
+UNFINISHED_MARKER = "nmnist_convert.incomplete"
 # Bump when the cache layout or the parsing rules change.
 CACHE_VERSION = 1
 
@@ -211,11 +213,15 @@ def load_frames(path, time_step):
 
 
 def find_split_dir(root, train):
-    """The `Train`/`train` (or `Test`/`test`) folder under root, or None."""
-    for name in SPLIT_NAMES[bool(train)]:
-        if (Path(root) / name).is_dir():
-            return Path(root) / name
-    return None
+    """The `Train`/`train` (or `Test`/`test`) folder under root, or None; ValueError if both exist."""
+    found = [Path(root) / name for name in SPLIT_NAMES[bool(train)] if (Path(root) / name).is_dir()]
+    # On a case-insensitive file system both names find the same folder.
+    if len(found) == 2 and not os.path.samefile(*found):
+        raise ValueError(
+            f"{root} holds both {found[0].name}/ and {found[1].name}/: reading one would drop the"
+            f" other's files; merge them into {found[0].name}/"
+        )
+    return found[0] if found else None
 
 
 def _digit_files(split_dir, suffix):
@@ -238,6 +244,37 @@ def _natural_key(name):
     """Sort key putting `2.dat` before `10.dat`."""
     stem = name.rsplit(".", 1)[0]
     return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def _split_files(split_dir):
+    """(format, files) of one split; ValueError if it holds both formats, files [] if neither."""
+    found = {fmt: _digit_files(split_dir, suffix) for fmt, suffix in FORMAT_SUFFIX.items()}
+    if all(found.values()):
+        # Reading either format alone would silently drop the other's samples.
+        counts = " and ".join(f"{len(found[fmt])} {suffix}" for fmt, suffix in FORMAT_SUFFIX.items())
+        raise ValueError(
+            f"{split_dir} holds both {counts} files (a conversion in place?); keep one format per split:"
+            " convert with `python -m utils.nmnist_convert RAW_DIR OUT_DIR` into another folder and read that"
+        )
+    for fmt, files in found.items():
+        if files:
+            return fmt, files
+    return None, []
+
+
+def _refuse_unfinished_conversion(root):
+    """ValueError if nmnist_convert's marker says the conversion into root did not finish."""
+    marker = Path(root) / UNFINISHED_MARKER
+    if not marker.is_file():
+        return
+    try:
+        raw_dir = marker.read_text(encoding="utf-8").strip() or "RAW_DIR"
+    except (OSError, UnicodeDecodeError):
+        raw_dir = "RAW_DIR"
+    raise ValueError(
+        f"the conversion into {root} did not finish ({UNFINISHED_MARKER} is there), so some files are missing;"
+        f" complete it with `python -m utils.nmnist_convert {raw_dir} {root} --resume`"
+    )
 
 
 def _layout_error(root):
@@ -322,14 +359,12 @@ class NMNIST(Dataset):
         self.root = Path(root)
         self.train = train
         self.time_step = time_step
+        _refuse_unfinished_conversion(self.root)
         split_dir = find_split_dir(self.root, train)
         if split_dir is None:
             raise _layout_error(self.root)
-        for fmt, suffix in FORMAT_SUFFIX.items():
-            files = _digit_files(split_dir, suffix)
-            if files:
-                break
-        else:
+        fmt, files = _split_files(split_dir)
+        if not files:
             raise _layout_error(self.root)
         self.format = fmt
         self.files = [path for path, *_ in files]

@@ -1,0 +1,266 @@
+"""One training epoch and one evaluation pass, with the learning-rate schedule and the step guards they need.
+
+Every dependency is an argument, so the pieces can be used without the
+command-line loop of utils/train.py.
+"""
+import datetime
+import functools
+import math
+import sys
+import time
+
+import torch
+from progress.bar import Bar
+
+from utils import distributed
+from utils.console import warn
+from utils.meters import AverageMeter, accuracy
+
+MAX_BAD_STEPS = 5
+# Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.
+DIAGNOSTICS = {'Fwd Res.': 'forward_residual', 'Bwd Res.': 'rel_residual', 'Bwd Iters': 'nstep',
+               'Bwd Capped': 'capped', 'Contraction': 'contraction'}
+
+
+class RunError(Exception):
+    """A run cannot go on; the message is one line meant for the user."""
+
+
+class TooManyFaults(RunError):
+    """MAX_BAD_STEPS optimizer steps in a row were skipped."""
+
+
+class FaultGuard:
+    """Counts skipped optimizer steps; MAX_BAD_STEPS in a row end the run."""
+
+    def __init__(self, limit=MAX_BAD_STEPS):
+        """Allow up to limit - 1 skipped steps in a row."""
+        self.limit = limit
+        self.in_a_row = 0
+
+    def good(self):
+        """A step was taken."""
+        self.in_a_row = 0
+
+    def bad(self, where):
+        """A step was skipped at `where`; raise TooManyFaults at the limit."""
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TooManyFaults(f'{self.limit} optimizer steps in a row had a non-finite loss, gradient or '
+                                f'solver result (last at {where}); stopped (a lower --lr may help)')
+
+
+def get_lr(args, epoch, iteration):
+    """Learning rate at 0-based `epoch` and global `iteration`.
+
+    args.lr × args.gamma^(milestones of args.schedule ≤ epoch), times
+    (iteration+1)/args.warmup during the first args.warmup iterations (the
+    paper's linear warm-up).
+    """
+    lr = args.lr * args.gamma ** sum(1 for milestone in args.schedule if milestone <= epoch)
+    if iteration < args.warmup:
+        lr *= (iteration + 1) / args.warmup
+    return lr
+
+
+def set_lr(optimizer, lr):
+    """Use lr in every parameter group."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def hyperparameters(args):
+    """The optimizer's settings that come from the flags (the learning rate is set at every step)."""
+    if args.optimizer == 'Adam':
+        return dict(weight_decay=args.weight_decay)
+    return dict(momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def make_optimizer(args, params):
+    """SGD with momentum and weight decay, or Adam with weight decay."""
+    kind = torch.optim.Adam if args.optimizer == 'Adam' else torch.optim.SGD
+    return kind(params, lr=args.lr, **hyperparameters(args))
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on device's type when enabled (a no-op context otherwise)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16():
+    """True when this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            flags = f.read()
+    except OSError:
+        flags = None
+    if flags is not None:
+        return any(flag in flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
+    # No /proc (e.g. macOS): time one convolution in both formats; emulation is tens of times slower.
+    x, w = torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3)
+
+    def seconds(dtype):
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.nn.functional.conv2d(x.to(dtype), w.to(dtype), padding=1)
+        return time.perf_counter() - start
+
+    seconds(torch.bfloat16)  # warm-up
+    return seconds(torch.bfloat16) < 4 * seconds(torch.float32)
+
+
+def step_is_finite(loss, model):
+    """True when the loss, every gradient and the adjoint solver's residual are finite."""
+    checks = [torch.isfinite(loss.detach()).all()]
+    checks += [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    stats = getattr(model, 'solver_stats', None)
+    solved = stats is None or math.isfinite(float(stats['residual']))
+    return solved and bool(torch.stack(checks).all())
+
+
+def snapshot_buffers(net):
+    """Copies of net's buffers (BN statistics, power-iteration vectors), to undo a skipped step."""
+    return [b.detach().clone() for b in net.buffers()]
+
+
+@torch.no_grad()
+def restore_buffers(net, saved):
+    """Put back what snapshot_buffers copied."""
+    for buffer, value in zip(net.buffers(), saved):
+        buffer.copy_(value)
+
+
+def make_bar(title, n, ctx):
+    """A progress bar on rank 0 (silent when stderr is not a terminal), None elsewhere."""
+    return Bar(title, max=n, file=sys.stderr) if ctx.is_main else None
+
+
+class EpochMeters:
+    """Running sums of an epoch: loss and accuracy over the steps taken, the equilibrium diagnostics."""
+
+    def __init__(self):
+        """Start empty."""
+        self.loss, self.top1, self.top5, self.batch_time = AverageMeter(), AverageMeter(), AverageMeter(), \
+            AverageMeter()
+        self.diagnostics = {column: AverageMeter() for column in DIAGNOSTICS}
+        self.skipped = 0
+
+    def update(self, outputs, targets, loss, stats):
+        """Count one step taken on a batch: its loss, accuracy and solver statistics (a dict or None)."""
+        n = targets.size(0)
+        acc1, acc5 = accuracy(outputs.float(), targets, topk=(1, min(5, outputs.size(1))))
+        self.loss.update(loss.item(), n)
+        self.top1.update(acc1.item(), n)
+        self.top5.update(acc5.item(), n)
+        for column, key in DIAGNOSTICS.items():
+            value = None if stats is None else stats.get(key)
+            if value is not None and math.isfinite(float(value)):
+                self.diagnostics[column].update(float(value))
+
+    def suffix(self, i, total):
+        """The progress bar's text after batch i of total."""
+        eta = datetime.timedelta(seconds=round(self.batch_time.avg * (total - i - 1)))
+        fwd, bwd = self.diagnostics['Fwd Res.'], self.diagnostics['Bwd Res.']
+        residuals = (f'Res: fwd {fwd.avg:.1e} bwd {bwd.avg:.1e}' if fwd.count else f'Res: {bwd.avg:.1e}')
+        return (f'({i + 1}/{total}) Loss: {self.loss.avg:.4f} | Top1: {self.top1.avg:.2f} | '
+                f'{self.batch_time.avg:.3f}s/batch | ETA: {eta} | {residuals} | Skipped: {self.skipped}')
+
+    def means(self):
+        """Each diagnostic's mean over the epoch's steps (nan where none was recorded)."""
+        return {column: meter.avg if meter.count else math.nan for column, meter in self.diagnostics.items()}
+
+
+def train_step(model, net, inputs, targets, criterion, optimizer, device, amp):
+    """Forward and backward of one batch; returns (outputs, loss) with the gradients in place."""
+    with autocast(device, amp):
+        outputs = model(inputs)
+        loss = criterion(outputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return outputs, loss
+
+
+def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration, ctx=distributed.Context(),
+                amp=False, stop=None, faults=None, title='Train', step_log=None):
+    """Train one epoch from global `iteration`; lr_at(iteration) gives each step's learning rate.
+
+    Steps with a non-finite loss, gradient or solver result are skipped, and
+    the buffers they moved put back (counted; `faults` raises after too many
+    in a row). A requested stop ends the epoch after the current batch.
+    step_log(iteration, stats), if given, receives each step's solver statistics.
+    Returns a dict: loss, top1, top5 (over the steps taken, all processes),
+    skipped, iteration (the next one), lr (the last used), diagnostics (the
+    means of DIAGNOSTICS on this process), stopped.
+    """
+    model.train()
+    net = distributed.unwrap(model)
+    faults = faults or FaultGuard()
+    meters, stopped, lr = EpochMeters(), False, float('nan')
+    bar = make_bar(title, len(loader), ctx)
+    end = time.monotonic()
+    for i, (inputs, targets) in enumerate(loader):
+        lr = lr_at(iteration)
+        set_lr(optimizer, lr)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        # The forward moves BN statistics: a NaN batch would leave them NaN for good.
+        buffers = snapshot_buffers(net)
+        outputs, loss = train_step(model, net, inputs, targets, criterion, optimizer, device, amp)
+        # Every process must take the same decision, or the next collective hangs.
+        bad, stopped = distributed.any_all([not step_is_finite(loss, net), stop is not None and stop.requested],
+                                           ctx, device)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            restore_buffers(net, buffers)
+            meters.skipped += 1
+            if ctx.is_main:
+                warn(f'warning: {title}, batch {i + 1}: non-finite loss, gradient or solver result; '
+                     f'optimizer step skipped', bar)
+            faults.bad(f'{title}, batch {i + 1}')
+        else:
+            optimizer.step()
+            faults.good()
+            meters.update(outputs, targets, loss, net.solver_stats)
+            if step_log is not None:
+                step_log(iteration, net.solver_stats)
+        iteration += 1
+        meters.batch_time.update(time.monotonic() - end)
+        end = time.monotonic()
+        if bar is not None:
+            bar.suffix = meters.suffix(i, len(loader))
+            bar.next()
+        if stopped:
+            break
+    if bar is not None:
+        bar.finish()
+    loss_sum, count, top1_sum, top5_sum, skipped_all = distributed.sum_all(
+        [meters.loss.sum, meters.loss.count, meters.top1.sum, meters.top5.sum, meters.skipped], ctx, device)
+    mean = (lambda total: total / count) if count else (lambda total: float('nan'))
+    return dict(loss=mean(loss_sum), top1=mean(top1_sum), top5=mean(top5_sum), skipped=int(skipped_all),
+                iteration=iteration, lr=lr, diagnostics=meters.means(), stopped=stopped)
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, *, ctx=distributed.Context(), amp=False, title='Test'):
+    """(loss, top-1 %, top-5 %) on the whole loader, summed over all processes."""
+    # The bare network: evaluation needs no gradient synchronisation.
+    net = distributed.unwrap(model)
+    # Each process's last training step moved its own BN statistics; evaluate rank 0's network everywhere.
+    distributed.broadcast_buffers(net, ctx)
+    net.eval()
+    meters = EpochMeters()
+    bar = make_bar(title, len(loader), ctx)
+    for i, (inputs, targets) in enumerate(loader):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            outputs = net(inputs)
+            loss = criterion(outputs, targets)
+        meters.update(outputs, targets, loss, None)
+        if bar is not None:
+            bar.suffix = f'({i + 1}/{len(loader)}) Loss: {meters.loss.avg:.4f} | Top1: {meters.top1.avg:.2f}'
+            bar.next()
+    if bar is not None:
+        bar.finish()
+    loss_sum, count, top1_sum, top5_sum = distributed.sum_all(
+        [meters.loss.sum, meters.loss.count, meters.top1.sum, meters.top5.sum], ctx, device)
+    return loss_sum / count, top1_sum / count, top5_sum / count
