@@ -1,16 +1,23 @@
-"""Firing-rate statistics of a trained checkpoint, for any of the paper's networks.
+"""Firing-rate and operation statistics of a trained checkpoint, for any of the paper's networks.
 
-Evaluates the checkpoint on the test set (loss, accuracy), prints each spiking
-layer's average firing rate and the neuron-weighted total, and writes them next
-to the checkpoint as rates_<checkpoint>_T<T>.{json,csv,png}; `--sweep-T` adds
-the same statistics for several T (rates_<checkpoint>_sweepT<...>.*).
+Evaluates the checkpoint on the test set (the one it was trained on unless
+`--dataset` says otherwise): loss, accuracy, each spiking layer's average
+firing rate and the neuron-weighted total, spikes, synaptic operations (SOPs),
+MACs and energy per test sample next to those of the same net as an ANN
+(utils.sops). Writes them next to the checkpoint as
+rates_<checkpoint>_T<T>.{json,csv,png}; `--sweep-T` adds the same statistics
+for several T (rates_<checkpoint>_sweepT<...>.*).
 
     python get_rate.py --arch alexnetf --dataset cifar10 --path ./data --time_step 30 --leaky 0.99 \
         --resume checkpoints/cifar10/model_best.pth.tar --sweep-T 10 30 100
 """
+import contextlib
 import inspect
 import os
+import signal
 import sys
+import tempfile
+import threading
 
 import torch
 from progress.bar import Bar
@@ -20,8 +27,9 @@ from modules import ARCHITECTURES, NETS, build_model, settings
 from utils import cli
 from utils.data import DataError, get_datasets
 from utils.io import CheckpointError, load_checkpoint, load_into_model
-from utils.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, plot_rates,
-                         plot_sweep, stats_dict, write_csv, write_json)
+from utils.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, rates_png,
+                         stats_dict, sweep_png, write_files)
+from utils.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
 
 _MODEL_KWARGS = set(inspect.signature(build_model).parameters) - {'name'}
 
@@ -34,7 +42,7 @@ def build_parser(arch=None, prog=None):
         parser.add_argument('--arch', required=True, choices=sorted(NETS), help='network of the checkpoint')
     names = sorted(NETS) if arch is None else [arch]
     parser.add_argument('-d', '--dataset', choices=sorted({d for n in names for d in NETS[n].datasets}),
-                        help="test set (default: the network's: " +
+                        help="test set (default: the checkpoint's, else the network's: " +
                              ', '.join(f"{n} {NETS[n].dataset}" for n in names) + ')')
     parser.add_argument('--path', default='./data', help='data folder')
     parser.add_argument('-j', '--workers', default=4, type=cli.NON_NEGATIVE_INT, help='data loading processes')
@@ -51,23 +59,55 @@ def build_parser(arch=None, prog=None):
     parser.add_argument('--out-dir', metavar='DIR',
                         help="folder for the statistics files (default: the checkpoint's)")
     parser.add_argument('--overwrite', action='store_true', help='replace statistics files that already exist')
+    parser.add_argument('--e-ac', type=cli.NON_NEGATIVE, default=E_AC_PJ, metavar='PJ',
+                        help=f'energy of one synaptic operation (accumulate), pJ (default: {E_AC_PJ}, '
+                             f'32-bit float add, 45 nm)')
+    parser.add_argument('--e-mac', type=cli.NON_NEGATIVE, default=E_MAC_PJ, metavar='PJ',
+                        help=f'energy of one multiply-accumulate, pJ (default: {E_MAC_PJ}, 32-bit float, 45 nm)')
     parser.add_argument('--gpu-id', help='comma-separated GPU indices to use (default: all visible)')
     return parser
 
 
 def parse_args(argv=None, arch=None, prog=None):
-    """Parse and check the flags and select the GPUs; args.arch and args.dataset are always set."""
+    """Parse and check the flags and select the GPUs; args.arch is set, args.dataset only if typed."""
     parser = build_parser(arch, prog)
     args = parser.parse_args(argv)
     if arch is not None:
         args.arch = arch
     net = NETS[args.arch]
-    if args.dataset is None:
-        args.dataset = net.dataset
-    elif args.dataset not in net.datasets:
+    if args.dataset is not None and args.dataset not in net.datasets:
         parser.error(f"--dataset: {args.arch} reads {' or '.join(net.datasets)}, got {args.dataset}")
+    if args.sweep_T:
+        args.sweep_T = sorted(set(args.sweep_T))
     cli.select_gpus(parser, args.gpu_id)
     return args
+
+
+def choose_device(gpu_id):
+    """(device, one line naming it and why it was chosen)."""
+    if torch.cuda.is_available():
+        asked = f', --gpu-id {gpu_id}' if gpu_id is not None else ''
+        return torch.device('cuda'), f'==> Device: cuda ({torch.cuda.get_device_name(0)}{asked})'
+    why = (f'--gpu-id {gpu_id} asks for a GPU, but no CUDA GPU is available' if gpu_id is not None
+           else 'no CUDA GPU available')
+    return torch.device('cpu'), f'==> Device: cpu ({why})'
+
+
+def trained_dataset(ckpt, arch):
+    """The data set the checkpoint records it was trained on, if this network reads it; else None."""
+    saved_args = ckpt.get('args')
+    saved = saved_args.get('dataset') if isinstance(saved_args, dict) else None
+    return saved if saved in NETS[arch].datasets else None
+
+
+def choose_dataset(typed, trained, arch):
+    """(data set to evaluate on, one line to print or None): the typed one, else the trained one, else the default."""
+    if typed is None:
+        return (trained, f'==> Data set {trained}, as the checkpoint was trained') if trained else \
+            (NETS[arch].dataset, None)
+    if trained is not None and typed != trained:
+        return typed, f'==> Note: evaluating on {typed}; the checkpoint was trained on {trained}'
+    return typed, None
 
 
 def model_kwargs(args, ckpt):
@@ -80,24 +120,32 @@ def model_kwargs(args, ckpt):
             'vth': args.vth or saved.get('vth', paper['vth'])}
 
 
-def prepare_outputs(folder, paths, overwrite):
-    """Create folder; refuse (CheckpointError) to replace existing statistics files unless overwrite."""
-    # Checked before the evaluation, which can take long, rather than when writing.
+def check_writable(folder):
+    """Create folder if needed and write (then remove) a probe file in it; CheckpointError if either fails."""
+    # At start-up: the evaluation can take hours, and a folder that refuses the files would waste them.
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix='.rates-probe-', dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write the statistics files to {folder}: {exc.strerror or exc}') from exc
+
+
+def refuse_existing(paths, overwrite):
+    """Refuse (CheckpointError) to replace existing statistics files unless overwrite."""
     for path in paths:
         if os.path.exists(path) and not overwrite:
             raise CheckpointError(f'{path} exists; pass --overwrite to replace it or --out-dir to write elsewhere')
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
 
 
 def evaluate(model, loader, device, title):
     """evaluate_rates with a progress bar (shown only on a terminal)."""
     bar = Bar(title, max=len(loader), file=sys.stderr)
-    stats = evaluate_rates(model.to(device), loader, device, progress=lambda done, total: bar.next())
-    bar.finish()
-    return stats
+    try:
+        return evaluate_rates(model.to(device), loader, device, progress=lambda done, total: bar.next())
+    finally:
+        bar.finish()  # ends the bar's line, also before the message of a stop
 
 
 class EvalData:
@@ -130,24 +178,72 @@ def measure(arch, kwargs, state_dict, data, device):
     return evaluate(model, data.loader(kwargs['time_step']), device, f"T={kwargs['time_step']}")
 
 
-def write_stats(paths, payload, runs, draw):
-    """Write the JSON and CSV files of one or more runs, and draw(path) the PNG."""
-    write_json(paths['json'], payload)
-    write_csv(paths['csv'], runs)
-    draw(paths['png'])
+class Stopped(Exception):
+    """SIGTERM arrived; the run stops as it does for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then act on the first one that came (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can handle signals
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """Turn SIGTERM into Stopped for the block (Ctrl-C already raises KeyboardInterrupt; main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_stats(paths, payload, runs, png, costs, written):
+    """Write the JSON, CSV and PNG files of one or more runs together; append their paths to written."""
+    # A stop while the files are moved into place would leave some replaced and some not.
+    with signals_deferred():
+        write_files(paths, payload, runs, png, costs)
+        written.extend(paths.values())
     print('==> Wrote ' + ', '.join(paths.values()))
 
 
-def run(args):
-    """Evaluate, print and write the statistics; raises DataError / CheckpointError."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    print(f'==> Device: {device}' + ('' if device.type == 'cuda' else ' (no CUDA GPU available)'))
+def run(args, written):
+    """Evaluate, print and write the statistics, appending the paths written; raises DataError / CheckpointError."""
+    device, device_line = choose_device(args.gpu_id)
+    print(device_line)
     ckpt = load_checkpoint(args.resume)
-    kwargs = model_kwargs(args, ckpt)
     folder = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+    check_writable(folder)
+    args.dataset, dataset_line = choose_dataset(args.dataset, trained_dataset(ckpt, args.arch), args.arch)
+    if dataset_line:
+        print(dataset_line)
+    kwargs = model_kwargs(args, ckpt)
     paths = output_paths(args.resume, kwargs['time_step'], folder)
     sweep_paths = output_paths(args.resume, args.sweep_T, folder) if args.sweep_T else {}
-    prepare_outputs(folder, list(paths.values()) + list(sweep_paths.values()), args.overwrite)
+    refuse_existing(list(paths.values()) + list(sweep_paths.values()), args.overwrite)
+    costs = EnergyCosts(args.e_ac, args.e_mac)
 
     print(f'==> Preparing dataset {args.dataset}')
     data = EvalData(args, device)
@@ -159,30 +255,43 @@ def run(args):
     stats = evaluate(model, data.loader(kwargs['time_step']), device, f"T={kwargs['time_step']}")
     print(f'==> {stats.samples} test samples, T={stats.time_step}, {neuron_text(stats)}, Vth {stats.vth:g}')
     print(' Test Loss:  %.8f, Test Acc:  %.2f' % (stats.loss, stats.acc))
-    print(format_table(stats))
+    print('==> Per test sample:')
+    print(format_table(stats, costs))
 
     meta = {'checkpoint': os.path.abspath(args.resume), 'arch': args.arch, 'dataset': args.dataset}
     title = f'{args.arch} on {args.dataset}, {neuron_text(stats)}'
-    write_stats(paths, {**meta, **stats_dict(stats)}, [stats],
-                lambda path: plot_rates(path, stats, f'{title}, T={stats.time_step}, acc {stats.acc:.2f}%'))
+    write_stats(paths, {**meta, **stats_dict(stats, costs)}, [stats],
+                rates_png(stats, f'{title}, T={stats.time_step}, acc {stats.acc:.2f}%'), costs, written)
     if args.sweep_T:
         runs = [stats if t == stats.time_step else measure(args.arch, dict(kwargs, time_step=t), model.state_dict(),
                                                            data, device)
                 for t in args.sweep_T]
-        print(f'==> Rates as a function of T ({neuron_text(stats)})')
-        print(format_sweep(runs))
-        write_stats(sweep_paths, {**meta, 'runs': [stats_dict(s) for s in runs]}, runs,
-                    lambda path: plot_sweep(path, runs, title))
+        print(f'==> Accuracy, rates, SOPs and energy as functions of T ({neuron_text(stats)})')
+        print(format_sweep(runs, costs))
+        write_stats(sweep_paths, {**meta, 'runs': [stats_dict(s, costs) for s in runs]}, runs,
+                    sweep_png(runs, title, costs), costs, written)
     return stats
 
 
+def interrupted_line(prog, written):
+    """The one line after a stop by signal: what was written in full before it, if anything."""
+    kept = f'; written before the stop: {", ".join(written)}' if written else '; no statistics file written'
+    return f'{prog}: interrupted{kept}'
+
+
 def main(argv=None, arch=None, prog=None):
-    """Command-line entry point; returns the exit status (errors: one line on stderr)."""
+    """Command-line entry point; returns the exit status (errors: one line on stderr; 130/143 after SIGINT/SIGTERM)."""
+    prog = prog or os.path.basename(sys.argv[0])
     args = parse_args(argv, arch, prog)
+    written = []
     try:
-        run(args)
+        with sigterm_stops():
+            run(args, written)
+    except (KeyboardInterrupt, Stopped) as exc:
+        print(interrupted_line(prog, written), file=sys.stderr)
+        return 128 + getattr(exc, 'signum', signal.SIGINT)
     except (DataError, CheckpointError) as exc:
-        print(f'{prog or os.path.basename(sys.argv[0])}: error: {exc}', file=sys.stderr)
+        print(f'{prog}: error: {exc}', file=sys.stderr)
         return 1
     return 0
 

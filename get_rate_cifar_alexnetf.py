@@ -4,7 +4,8 @@
         --leaky 0.99 --resume checkpoints/cifar10_alexnetf/model_best.pth.tar
 
 Prints the test loss and accuracy, each spiking layer's average firing rate and
-the neuron-weighted total, and writes them next to the checkpoint (see get_rate.py,
+the neuron-weighted total, spikes, synaptic operations, MACs and energy per test
+sample next to the ANN's, and writes them next to the checkpoint (see get_rate.py,
 which does the same for every network).
 """
 import sys

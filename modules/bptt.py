@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parametrize
 
+from .precision import forward_precision
+
 METHODS = ("ide", "bptt")
 
 
@@ -97,17 +99,34 @@ def _channel_view(t, like):
     return t.view(1, -1, *[1] * (like.dim() - 2))
 
 
-def _stats_gradient_term(h, stats, bn):
-    """Zero in value, with the gradient of BN(h) with respect to its statistics (mean, var).
+class StatisticsGradient(torch.autograd.Function):
+    """Identity on BN's output `out`, adding its gradient with respect to the statistics (mean, var).
 
-    F.batch_norm given statistics does not differentiate them; adding this term
-    to its output keeps the output's value bit for bit and adds ∂BN/∂mean and
-    ∂BN/∂var, so that gradient flows to the batch statistics of the input layer.
+    F.batch_norm given statistics does not differentiate them. With
+    k = γ / sqrt(var + ε) per channel, BN(h) = (h - mean)·k + β gives
+
+        ∂L/∂mean = -k Σ g,      ∂L/∂var = -k / (2 (var + ε)) Σ g (h - mean),
+
+    sums over the batch and space, g = ∂L/∂BN(h). Only h (which BN keeps for
+    its own backward anyway) and per-channel vectors are saved.
     """
-    mean, var = stats
-    t = ((h.detach() - _channel_view(mean, h)) * torch.rsqrt(_channel_view(var, h) + bn.eps)
-         * _channel_view(bn.weight.detach(), h))
-    return (t - t.detach()).to(h.dtype)
+
+    @staticmethod
+    def forward(ctx, out, h, mean, var, weight, eps):
+        ctx.save_for_backward(h, mean, var, weight)
+        ctx.eps = eps
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, mean, var, weight = ctx.saved_tensors
+        dims = [0] + list(range(2, h.dim()))
+        g32 = g.to(mean.dtype)
+        k = weight.to(mean.dtype) * torch.rsqrt(var + ctx.eps)
+        centred = h.to(mean.dtype) - _channel_view(mean, h)
+        grad_mean = -k * g32.sum(dims)
+        grad_var = -k / (2 * (var + ctx.eps)) * (g32 * centred).sum(dims)
+        return g, None, grad_mean, grad_var, None, None
 
 
 def input_current(layer, x, stats):
@@ -121,8 +140,9 @@ def input_current(layer, x, stats):
         if stats is None:
             h = layer.normalize(h)
         else:
-            fixed = tuple(s.detach() for s in stats)
-            h = layer.normalize(h, stats=fixed) + _stats_gradient_term(h, stats, layer.bn)
+            mean, var = stats
+            out = layer.normalize(h, stats=(mean.detach(), var.detach()))
+            h = StatisticsGradient.apply(out, h, mean, var, layer.bn.weight.detach(), layer.bn.eps)
     if layer.pool is not None:
         h = layer.pool(h)
     return layer.dropout(h)
@@ -203,8 +223,9 @@ class BPTT:
     def __call__(self, snn, x):
         """The training forward of `snn` by BPTT: the state rate, differentiable through the simulation."""
         snn.begin_forward()
-        rate = self.unrolled_rate(snn, x)
-        self.update_running_stats(snn, x, rate.detach())
+        with forward_precision():  # TF32 or not, as in IDE's simulation and f
+            rate = self.unrolled_rate(snn, x)
+            self.update_running_stats(snn, x, rate.detach())
         return rate
 
 

@@ -12,12 +12,17 @@ def count_rows():
     return rows
 
 
+def markdown_table(rows):
+    """The rows of `count_rows()` as a Markdown table (one string)."""
+    lines = ["| net | classes | neurons | params | paper neurons | paper params |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {classes} | {neurons:,} | {params:,} | {paper_n} | {paper_p} |"
+              for name, classes, neurons, params, paper_n, paper_p in rows]
+    return "\n".join(lines)
+
+
 def main():
-    """Print the counts table in Markdown."""
-    print("| net | classes | neurons | params | paper neurons | paper params |")
-    print("|---|---|---|---|---|---|")
-    for name, classes, neurons, params, paper_n, paper_p in count_rows():
-        print(f"| {name} | {classes} | {neurons:,} | {params:,} | {paper_n} | {paper_p} |")
+    """Print the counts table in Markdown (the only output of this module, when run as a script)."""
+    print(markdown_table(count_rows()))
 
 
 if __name__ == "__main__":

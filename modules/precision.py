@@ -45,7 +45,8 @@ def tf32_enabled():
     return all(flag in (True, "tf32") for flag in flags[:2])
 
 
-def _set_flags(values):
+def set_tf32_flags(values):
+    """Restore settings returned by `tf32_flags()`."""
     for (owner, name), value in zip(_backends(), values):
         setattr(owner, name, value)
 
@@ -61,7 +62,7 @@ def allow_tf32(enabled):
     """Let the simulation and f use TF32 (enabled) or keep them in full float32; sets PyTorch's flags too."""
     global _tf32_allowed
     _tf32_allowed = bool(enabled)
-    _set_flags(_flags_for(enabled))
+    set_tf32_flags(_flags_for(enabled))
 
 
 def tf32_allowed():
@@ -73,11 +74,11 @@ def tf32_allowed():
 def tf32(enabled):
     """Run the block with TF32 allowed or forbidden for matrix products and cuDNN; restore the flags after."""
     saved = tf32_flags()
-    _set_flags(_flags_for(enabled))
+    set_tf32_flags(_flags_for(enabled))
     try:
         yield
     finally:
-        _set_flags(saved)
+        set_tf32_flags(saved)
 
 
 def forward_precision():

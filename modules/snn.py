@@ -16,14 +16,15 @@ approaches the equilibrium a* = f(a*) of
 
 x̄ being x for static input, or the same weighted time average of spike input.
 """
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .implicit import ImplicitGradient
+from .implicit import ImplicitGradient, adjoint_solve
 from .layers import Feedback, VariationalDropout, batch_stats, sync_group
 from .precision import forward_precision, full_float32_vjp
-from .solvers import get_solver
 
 
 def is_leaky(leak):
@@ -56,8 +57,10 @@ class FeedbackSNN(nn.Module):
     input_layer: Connection F; layers: Connections W_1..W_{N-1} (conv + BN + bias);
     feedback: Feedback W_fb from layer N back to layer 1. `leak` is λ, with
     λ = 1 for IF. `spike_input` means x is (B, ..., T), one frame per step.
-    The adjoint equation is solved by `solver` ('broyden' or 'iter') with at
-    most `threshold` iterations and optional relative tolerance `tol`.
+    The adjoint equation is solved by `solver` ('broyden', 'anderson' or 'iter')
+    with at most `threshold` iterations, optional relative tolerance `tol` and
+    `solver_memory`, or approximated by `grad` 'jfb' or 'phantom' (`phantom_k`
+    steps of size `phantom_tau`); see modules.implicit.
     J is taken at the simulated rate for single-layer nets and at z = f(a) for
     multi-layer nets (`jacobian_at_f`), as in the paper's release: early in
     training a deep loop's last layer can be silent (a = 0), and one step of f
@@ -65,7 +68,8 @@ class FeedbackSNN(nn.Module):
     """
 
     def __init__(self, input_layer, layers, feedback, time_step=30, vth=2.0, leak=1.0,
-                 spike_input=False, solver="broyden", threshold=30, tol=None):
+                 spike_input=False, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
+                 phantom_k=5, phantom_tau=0.5, forward_residual=True):
         super().__init__()
         if time_step < 1:
             raise ValueError(f"time_step must be >= 1, got {time_step}")
@@ -80,18 +84,19 @@ class FeedbackSNN(nn.Module):
         self.vth = vth
         self.leak = leak if is_leaky(leak) else 1.0
         self.spike_input = spike_input
-        self.configure_solver(solver, threshold, tol)
+        self.configure_solver(solver, threshold, tol, grad, solver_memory, phantom_k, phantom_tau)
+        self.forward_residual = forward_residual  # record ‖f(a) - a‖/‖a‖ in solver_stats (see _recorder)
         self.jacobian_at_f = len(layers) > 0
         self.solver_stats = None
         # A modules.bptt.BPTT trains by back-propagation through the simulation instead (None: IDE).
         self.bptt = None
 
-    def configure_solver(self, solver="broyden", threshold=30, tol=None):
-        """Choose the adjoint solver, its iteration cap and optional tolerance."""
-        if threshold < 1:
-            raise ValueError(f"threshold must be >= 1, got {threshold}")
-        self._solve_fn = get_solver(solver)
+    def configure_solver(self, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
+                         phantom_k=5, phantom_tau=0.5):
+        """Choose the gradient mode and the adjoint solver (see modules.implicit.adjoint_solve)."""
+        self.adjoint = adjoint_solve(grad, solver, threshold, tol, solver_memory, phantom_k, phantom_tau)
         self.solver, self.threshold, self.tol = solver, threshold, tol
+        self.grad, self.solver_memory, self.phantom_k, self.phantom_tau = grad, solver_memory, phantom_k, phantom_tau
 
     # ---------------------------------------------------------------- simulation
     def input_frames(self, x):
@@ -234,14 +239,38 @@ class FeedbackSNN(nn.Module):
             if not (self.training and torch.is_grad_enabled()):
                 return rate
             z, point, f_point = self.differentiable_parts(x, rate)
-        return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.solver == "iter",
-                                      self._record)
+        return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.adjoint.starts_from_v,
+                                      self._recorder(rate, z))
 
     def _solve(self, func, y0, f0=None):
-        return self._solve_fn(func, y0, max_iter=self.threshold, tol=self.tol, f0=f0)
+        return self.adjoint(func, y0, f0=f0)
 
-    def _record(self, info):
-        self.solver_stats = info
+    def _recorder(self, rate, z):
+        """The function that stores the backward's solver info, with this forward's diagnostics, in solver_stats.
+
+        Diagnostics, computed now on the device and read with the solver's info:
+        `contraction` = u·(W v)/Vth with the power-iteration vectors u, v after
+        this forward's step: the bound on the feedback's Lipschitz constant in
+        f that the spectral normalisation W = g·V/σ(V) aims at (it equals the
+        clamped |g|/Vth; for a conv feedback σ is that of the reshaped kernel,
+        not of the convolution operator); `forward_residual` (when
+        self.forward_residual) = ‖f(a) - a‖/‖a‖ of the simulated rate a, from
+        the z = f(a) that training computes anyway (inf for a silent state
+        with f(a) ≠ 0; under autocast z carries bf16 rounding).
+        """
+        spectral = self.feedback.spectral
+        with torch.no_grad(), torch.autocast(rate.device.type, enabled=False):
+            W = self.feedback.linear.weight.flatten(1).to(spectral.u.dtype)
+            diagnostics = {"contraction": torch.dot(spectral.u, W @ spectral.v).abs() / self.vth}
+        if self.forward_residual:
+            a = rate.detach()
+            ratio = (z.detach().to(a.dtype) - a).norm() / a.norm()
+            diagnostics["forward_residual"] = ratio.nan_to_num(nan=0.0, posinf=math.inf)  # 0/0: a = f(a) = 0
+
+        def record(info):
+            values = torch.stack([value.to(torch.float64) for value in diagnostics.values()]).tolist()
+            self.solver_stats = {**info, "grad": self.grad, **dict(zip(diagnostics, values))}
+        return record
 
     def all_rates(self, x):
         """Firing rate of every spiking layer, each flattened to (B, n_l)."""

@@ -10,18 +10,27 @@ saves one evaluation. `info` holds
   the map evaluated at that batch (a map may couple the samples, as batch
   normalisation does, so per-sample residuals of different batches do not
   add up to it);
-- `init_residual`: the same at y0; `trace`: the residual of the iterate the
-  solver would return after each iteration (index 0: y0);
+- `init_residual`: the same at y0; `trace`: after each iteration (index 0:
+  y0), the whole-batch residual of the best iterate so far as the solver
+  measured it; Broyden measures per sample, so when the samples' best
+  iterates come from different iterations the last entry can differ from
+  `residual`;
 - `stop`: 'tol' when the residual fell below the stopping level, 'cap' when
   the solver ran out of iterations;
 - `syncs`: how many times the solver copied values to the host, each a wait
-  for the device: one per iteration (the stop test) plus one, or a single one
-  for a solver without a stop test.
+  for the device: one per iteration (the stop test) plus one (Broyden: one
+  more when it evaluates a mixed batch), or a single one for a solver without
+  a stop test (`phantom_steps`).
 
 `tol=None` keeps the paper's stopping rule: run `max_iter` iterations unless the
 whole-batch residual falls below 2e-10·sqrt(numel), i.e. practically never stop
 early. A float `tol` stops as soon as the residual has fallen below `tol` times
 its initial value (an option that saves iterations on easy batches).
+
+What is returned: `broyden` each sample's lowest-residual iterate (a batch
+mixing iterations, whose residual it then evaluates), `anderson` the
+lowest-residual iterate of the whole batch, `fixed_point_iter` and
+`phantom_steps` the last iterate.
 
 `SOLVERS` maps a name to a `Solver`: the function and what the adjoint solve
 needs to know about it (where it starts, which options it takes).
@@ -40,12 +49,16 @@ class _HostReads:
         self.count = 0
 
     def floats(self, tensor):
-        """tensor's values as Python floats (a list, or one float for a 0-d tensor); non-finite ones as +inf."""
+        """tensor's values as Python floats (nested lists as tolist gives them); non-finite ones as +inf."""
         self.count += 1
-        values = tensor.tolist()
-        if isinstance(values, float):
-            return _finite_or_inf(values)
-        return [_finite_or_inf(v) for v in values]
+        return _map_finite_or_inf(tensor.tolist())
+
+
+def _map_finite_or_inf(values):
+    """_finite_or_inf of a float, or of every float in nested lists."""
+    if isinstance(values, list):
+        return [_map_finite_or_inf(v) for v in values]
+    return _finite_or_inf(values)
 
 
 def _finite_or_inf(value):
@@ -150,9 +163,10 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     and H g (2·memory + 2 vectors), which leaves room for `memory` more.
 
     The per-sample best iterates are chosen on the device; each iteration
-    reads three numbers on the host (the whole-batch residual for the stop
-    test, whether a sample diverged, whether the best iterates come from
-    different iterations). When they do, the returned batch was never
+    reads 3·B numbers on the host at once (the per-sample best and new
+    squared residuals and the iteration each best is from: the stop test,
+    whether a sample diverged, whether the best iterates come from different
+    iterations). When they do, the returned batch was never
     evaluated as a whole, and func is called once more to report its own
     residual (`trace` keeps the per-sample best residuals the method saw).
     """
@@ -173,7 +187,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     best_sq = _finite_squares(gram[:, 0, 0])  # (B,) squared residual of each sample's best iterate
     best_y = y  # never modified in place
     best_step = torch.zeros(B, dtype=torch.long, device=y0.device)  # the iteration each best iterate is from
-    residual = reads.floats(best_sq.sum().sqrt())
+    residual = math.sqrt(math.fsum(reads.floats(best_sq)))
     stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
     nstep, mixed = 0, False
@@ -189,16 +203,16 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
 
         dots = _dots(g, basis[:new + 1])  # g·b_j for j ≤ new
         sample_sq = _finite_squares(dots[:, new])
-        diverged = torch.isinf(sample_sq)
         better = sample_sq < best_sq
         best_sq = torch.where(better, sample_sq, best_sq)
         best_y = torch.where(better[:, None], y, best_y)
         best_step = best_step.masked_fill(better, nstep)
-        # The one host read of the iteration. best_sq sums to +inf as soon as one sample's is.
-        residual, any_diverged, mixed = reads.floats(torch.stack([
-            best_sq.sum().sqrt(), diverged.any().to(y.dtype), (best_step.amin() != best_step.amax()).to(y.dtype)]))
+        # The one host read of the iteration: 3·B numbers, summarised on the host (fewer kernels than on the device).
+        best_host, new_host, steps = reads.floats(torch.stack([best_sq, sample_sq, best_step.to(y.dtype)]))
+        residual = math.sqrt(math.fsum(best_host))  # +inf as soon as one sample's is
+        mixed = min(steps) != max(steps)
         trace.append(residual)
-        bad = diverged[:, None] if any_diverged else None
+        bad = torch.isinf(sample_sq)[:, None] if math.inf in new_host else None
         if bad is not None:  # a non-finite residual is replaced by zero before it reaches the Gram matrix
             dots.masked_fill_(bad, 0.0)
             g.masked_fill_(bad, 0.0)

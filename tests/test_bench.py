@@ -28,6 +28,9 @@ def test_command_prints_the_table():
     assert row[:4] == ["fashion_mlp", "2", "fp32", "2"]
     assert float(row[COLUMNS.index("step ms")]) > 0
     assert float(row[COLUMNS.index("peak MB")]) > 0
+    # One host sync per solver iteration plus one (two when Broyden re-evaluates a mixed batch).
+    iters, syncs = int(row[COLUMNS.index("n iters")]), int(row[COLUMNS.index("syncs")])
+    assert iters + 1 <= syncs <= iters + 2
 
 
 def twin_steps(name, amp=False, time_step=3, batch=2):

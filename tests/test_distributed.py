@@ -5,12 +5,14 @@ written next to the run) that records what the process trained on and saves
 its final network; the tests compare the processes with each other, with
 what rank 0 wrote, and with single-process runs of the same checkpoints.
 """
+import datetime
 import gzip
 import importlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -22,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from modules import build_model
 from modules.layers import batch_stats
 from tests import fakedata
+from utils import distributed
 from utils.data import ShardSampler
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -40,6 +43,7 @@ STEPS = N_TRAIN // WORLD // TRAIN_BATCH
 N_TEST = 37
 FLAGS = ['--dataset', 'fashionmnist', '-j', '0', '--time_step', '2', '--train-batch', TRAIN_BATCH,
          '--test-batch', 16]
+# The run folder's lock stays: the operating system releases it when the process ends.
 RUN_FILES = {'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'log.png'}
 TIMEOUT_S = 150
 
@@ -118,7 +122,9 @@ def torchrun(tmp, name, argv):
     out.mkdir()
     launcher = tmp / 'launch.py'
     launcher.write_text(LAUNCHER)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    # No GPUs: CPU processes with Gloo, as documented above, on any machine (one GPU cannot host two
+    # NCCL processes).
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
     env.pop('WORLD_SIZE', None)
     # A session of its own, so that a run past the timeout ends with all its processes.
     proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
@@ -384,3 +390,144 @@ def test_synced_batch_stats_values_and_gradient(tmp_path):
         torch.testing.assert_close(share_mean, mean.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(share_var, var.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, h.grad[rows], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- start-up checks and the timeout
+
+def torchrun_env(monkeypatch, rank, local_rank, local_world, world, gpus, mask=None):
+    """The variables torchrun sets for one process, on a machine that shows `gpus` GPUs; returns the calls made."""
+    for name, value in (('RANK', rank), ('LOCAL_RANK', local_rank), ('LOCAL_WORLD_SIZE', local_world),
+                        ('WORLD_SIZE', world)):
+        monkeypatch.setenv(name, str(value))
+    if mask is None:
+        monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    else:
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', mask)
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: calls.append(('set_device', device)))
+    monkeypatch.setattr(dist, 'init_process_group',
+                        lambda backend, **kwargs: calls.append(('init', backend, kwargs.get('timeout'))))
+    return calls
+
+
+@pytest.mark.parametrize('rank', [0, 2])
+def test_more_processes_than_gpus_stop_at_start_up(monkeypatch, rank):
+    """torchrun --nproc_per_node=3 on a 2-GPU machine: every process (also those whose GPU exists) stops
+    before touching a GPU, with one line naming both counts and what to do."""
+    calls = torchrun_env(monkeypatch, rank=rank, local_rank=rank, local_world=3, world=3, gpus=2)
+    with pytest.raises(distributed.DistributedError) as err:
+        distributed.init_from_env()
+    message = str(err.value)
+    assert '3 processes on this machine but 2 visible GPUs' in message and '\n' not in message
+    assert '--nproc_per_node=2' in message and 'CUDA_VISIBLE_DEVICES=' in message
+    assert calls == []
+
+
+def test_gpu_id_narrower_than_the_processes_stops_at_start_up(monkeypatch):
+    """--gpu-id 0 with two processes on the second machine of two: the visible GPU is named."""
+    calls = torchrun_env(monkeypatch, rank=3, local_rank=1, local_world=2, world=4, gpus=1, mask='0')
+    with pytest.raises(distributed.DistributedError, match=r'2 processes on this machine but 1 visible GPU '
+                                                           r'\(CUDA_VISIBLE_DEVICES=0\)'):
+        distributed.init_from_env()
+    assert calls == []
+
+
+def test_one_gpu_per_process_joins_with_the_timeout(monkeypatch):
+    """Enough GPUs: each process takes its own and joins NCCL with the given timeout (60 minutes if none)."""
+    calls = torchrun_env(monkeypatch, rank=5, local_rank=1, local_world=2, world=6, gpus=2)
+    ctx = distributed.init_from_env(timeout=datetime.timedelta(minutes=7))
+    assert ctx == distributed.Context(rank=5, world_size=6, local_rank=1)
+    assert calls == [('set_device', 1), ('init', 'nccl', datetime.timedelta(minutes=7))]
+    calls.clear()
+    distributed.init_from_env()
+    assert calls == [('set_device', 1), ('init', 'nccl', datetime.timedelta(minutes=60))]
+
+
+def test_cpu_processes_join_gloo_with_the_timeout(monkeypatch):
+    calls = torchrun_env(monkeypatch, rank=1, local_rank=1, local_world=4, world=4, gpus=0)
+    distributed.init_from_env(timeout=datetime.timedelta(seconds=90))
+    assert calls == [('init', 'gloo', datetime.timedelta(seconds=90))]
+
+
+RANK0_DELAY_S = 4
+
+# One torchrun-like process (a small program, so that start-up stays short): it joins through
+# init_from_env with timeout_s; rank 0 prepares the data for RANK0_DELAY_S s, then both meet in the
+# data barrier; it writes how long its barrier took and 'ok' or the error.
+SLOW_RANK0 = f"""
+import datetime, os, sys, time
+import torch
+from utils import distributed
+out, timeout_s = sys.argv[1], float(sys.argv[2])
+rank = int(os.environ['RANK'])
+open(os.path.join(out, f'ready{{rank}}'), 'w').close()
+# Start together, so that slow imports do not eat into the short timeout.
+while not os.path.exists(os.path.join(out, f'ready{{1 - rank}}')):
+    time.sleep(0.01)
+ctx = distributed.init_from_env(timeout=datetime.timedelta(seconds=timeout_s))
+started = time.monotonic()
+try:
+    if rank == 0:
+        time.sleep({RANK0_DELAY_S})
+    distributed.any_all([False], ctx, torch.device('cpu'))
+    result = 'ok'
+except Exception as exc:
+    result = f'{{type(exc).__name__}}: {{exc}}'
+with open(os.path.join(out, f'result{{rank}}'), 'w') as f:
+    f.write(f'{{time.monotonic() - started:.2f}}\\n{{result}}')
+# No teardown: after a timed-out collective the group is unusable anyway.
+os._exit(0)
+"""
+
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_pair(timeout_s, out):
+    """Both processes of SLOW_RANK0 with timeout_s, on CPUs (Gloo), started now."""
+    out.mkdir()
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': str(WORLD),
+               'LOCAL_WORLD_SIZE': str(WORLD), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+               'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
+        procs.append(subprocess.Popen([sys.executable, '-c', SLOW_RANK0, str(out), str(timeout_s)], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def results(procs, out):
+    """(seconds, outcome) of each rank once both processes ended."""
+    found = []
+    for rank, proc in enumerate(procs):
+        try:
+            log, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            log, _ = proc.communicate()
+        path = out / f'result{rank}'
+        assert path.is_file(), f'rank {rank} ended without a result (exit {proc.returncode}):\n{log[-2000:]}'
+        seconds, outcome = path.read_text().split('\n', 1)
+        found.append((float(seconds), outcome))
+    return found
+
+
+def test_data_barrier_waits_as_long_as_the_configured_timeout(tmp_path):
+    """Rank 0 prepares the data for 4 s while rank 1 waits in the barrier: with timeout=2 s rank 1 gives up
+    after about 2 s (so the timeout given to init_from_env is the one in force, not Gloo's 30 minutes);
+    with timeout=30 s both pass. The two pairs run side by side."""
+    short = start_pair(2, tmp_path / 'short')
+    long = start_pair(30, tmp_path / 'long')
+    (_, long0_outcome), (long1, long1_outcome) = results(long, tmp_path / 'long')
+    assert long0_outcome == long1_outcome == 'ok'
+    assert long1 >= RANK0_DELAY_S - 0.5, 'rank 1 did not wait for rank 0'
+    _, (short1, short1_outcome) = results(short, tmp_path / 'short')
+    assert short1_outcome != 'ok' and re.search(r'timed? ?out', short1_outcome, re.IGNORECASE), short1_outcome
+    assert 1.5 <= short1 < RANK0_DELAY_S, f'rank 1 gave up after {short1} s'

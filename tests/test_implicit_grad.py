@@ -98,11 +98,12 @@ def assert_gradients_close(names, got, expected, rtol):
 
 
 # ---------------------------------------------------------------- (a) dense reference
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "iter"])
 @pytest.mark.parametrize("arch, leak, spike", KINDS)
 def test_gradient_matches_dense_adjoint_solve(tiny_snn, tiny_input, arch, leak, spike, solver):
     """Parameter and input gradients equal the dense implicit gradient at the mechanism's own
-    state to 1e-6 when the adjoint solver is given enough iterations (threshold 200)."""
+    state to 1e-6 when the adjoint solver is given enough iterations (threshold 200); the solve
+    stops by the paper's rule (a residual of ~0) well before that cap."""
     snn, x = build_case(tiny_snn, tiny_input, arch, leak, spike, solver=solver, threshold=200)
     rate, w, got = mechanism_gradients(snn, x)
     names, _ = gradient_targets(snn, x)
@@ -112,20 +113,25 @@ def test_gradient_matches_dense_adjoint_solve(tiny_snn, tiny_input, arch, leak, 
     assert float(got[-1].norm()) > 0, "the input receives a gradient"
     assert_gradients_close(names, got, expected, rtol=1e-6)
     stats = snn.solver_stats
-    assert stats["rel_residual"] < 1e-8 and stats["nstep"] <= 200
+    assert stats["rel_residual"] < 1e-8 and stats["stop"] == "tol" and stats["nstep"] < 150
 
 
 @pytest.mark.parametrize("arch, leak, spike", KINDS)
 def test_default_threshold_accuracy(tiny_snn, tiny_input, arch, leak, spike):
     """At the default threshold (30 iterations) Broyden reaches the dense gradient to 1e-6 on
-    these nets and the damped iteration to 1e-2 (its rate is (1 + ρ(J))/2 per step)."""
+    these nets and the damped iteration to 1e-2 (its rate is (1 + ρ(J))/2 per step). Each solve
+    either runs into the cap (exactly 30 iterations, 'cap') or has converged to ~0 ('tol')."""
     errors = {}
     for solver in ("broyden", "iter"):
         snn, x = build_case(tiny_snn, tiny_input, arch, leak, spike, solver=solver)
-        assert snn.threshold == 30
         rate, w, got = mechanism_gradients(snn, x)
         expected, _ = dense_reference_gradients(snn, x, rate, w)
         errors[solver] = relative_error(got, expected)
+        stats = snn.solver_stats
+        if stats["stop"] == "cap":
+            assert stats["nstep"] == 30, solver
+        else:
+            assert stats["stop"] == "tol" and stats["nstep"] <= 30 and stats["rel_residual"] < 1e-8, solver
     print(f"[{arch}-{leak}-{'spike' if spike else 'const'}] relative gradient error at threshold 30: "
           f"broyden {errors['broyden']:.1e}, iter {errors['iter']:.1e}")
     assert errors["broyden"] <= 1e-6
@@ -273,14 +279,15 @@ def test_backward_is_repeatable_and_accumulates_only_the_gradient(tiny_snn, tiny
 
 @pytest.mark.parametrize("name", ["mnist_conv", "alexnetf"])
 def test_autocast_keeps_the_adjoint_solve_in_float32(name):
-    """Under bf16 autocast (--amp) the adjoint solve still differentiates f in float32: it takes as many
-    iterations as without autocast and reaches the same float32 residual (bf16 products would stall near
-    1e-3 of v and run every iteration)."""
+    """Under bf16 autocast (--amp) the adjoint solve still differentiates f in float32: with a relative
+    tolerance of 1e-5 it stops by that tolerance after as many iterations as without autocast (±1), well
+    before the cap of 30, at the same residual level (bf16 products would stall near 1e-3 of v and run
+    into the cap)."""
     from modules import build_model
 
     def solve(amp):
         torch.manual_seed(0)
-        model = build_model(name, time_step=6, leaky=0.95).train()
+        model = build_model(name, time_step=6, leaky=0.95, tol=1e-5).train()
         x = torch.randn(4, 3 if name == "alexnetf" else 1, *((32, 32) if name == "alexnetf" else (28, 28)),
                         generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -289,5 +296,8 @@ def test_autocast_keeps_the_adjoint_solve_in_float32(name):
         return model.snn.solver_stats
 
     full, amp = solve(False), solve(True)
-    assert amp["nstep"] <= full["nstep"] + 2
-    assert amp["rel_residual"] < 1e-6 and amp["rel_residual"] <= 2 * full["rel_residual"]
+    print(f"[{name}] float32: {full['nstep']} iterations, {full['rel_residual']:.1e}; "
+          f"autocast: {amp['nstep']} iterations, {amp['rel_residual']:.1e}")
+    assert full["stop"] == amp["stop"] == "tol"
+    assert abs(amp["nstep"] - full["nstep"]) <= 1 and amp["nstep"] <= 20
+    assert amp["rel_residual"] < 1e-5 and amp["rel_residual"] <= 2 * full["rel_residual"]

@@ -428,15 +428,17 @@ def test_cli_input_errors_are_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-# The real command line, each file slowed down by 30 ms so that a signal reliably lands mid-way.
+# The real command line on a slow disk: flushing a file takes 30 ms, so that a signal reliably lands
+# while a file is being written (its data there, its final name not yet).
 SLOW_CONVERTER = """
-import sys, time
-from utils import nmnist, nmnist_convert
-real = nmnist.convert_bin
-def slow(path):
-    time.sleep(0.03)
-    return real(path)
-nmnist.convert_bin = slow
+import os, stat, sys, time
+from utils import nmnist_convert
+real_fsync = os.fsync
+def slow_fsync(fd):
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        time.sleep(0.03)
+    real_fsync(fd)
+os.fsync = slow_fsync
 sys.exit(nmnist_convert.main(sys.argv[1:]))
 """
 

@@ -4,8 +4,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from utils.data import get_datasets
 from utils.io import atomic_save
 from utils.rates import (LayerRate, RateStats, checkpoint_stem, evaluate_rates, format_table, logits_and_rates,
                          output_paths, weighted_total)
+from utils.sops import network_links, sops_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts run side by side: one thread each, rather than every process claiming every core.
@@ -61,6 +65,7 @@ class HandClassifier(nn.Module):
     def __init__(self, snn):
         super().__init__()
         self.snn = snn
+        self.arch = SimpleNamespace(input_shape=(1,))
         self.state_shapes = [(4,), (3,)]
         self.classifier = nn.Linear(3, 2)
 
@@ -106,7 +111,7 @@ def test_weighted_total_is_spikes_over_neurons():
     table = format_table(stats).splitlines()
     assert table[0].split() == ['layer', 'shape', 'neurons', 'rate']
     assert table[1].split() == ['layer1', '2x5', '10', '0.500000']
-    assert table[-1].split() == ['total', '100', '0.140000']
+    assert table[-1].split() == ['total', '-', '100', '0.140000']
 
 
 def test_one_simulation_gives_the_logits_and_rates_of_two():
@@ -132,13 +137,17 @@ def test_output_names_follow_checkpoint_and_T(tmp_path):
 
 # ---------------------------------------------------------------- the scripts end to end
 
-def write_project_checkpoint(path, name, num_classes=10, time_step=2, leaky=0.99, seed=0):
-    """A checkpoint as this project's training scripts write it, with weights that make every layer fire."""
+def write_project_checkpoint(path, name, num_classes=10, time_step=2, leaky=0.99, seed=0, dataset=None):
+    """A checkpoint as this project's training scripts write it, with weights that make every layer fire.
+
+    dataset: the training run's --dataset, recorded in the checkpoint's flags (none recorded if None).
+    """
     torch.manual_seed(seed)
     model = lively_(build_model(name, num_classes=num_classes, time_step=time_step, leaky=leaky), seed)
+    extra = {} if dataset is None else {'args': {'dataset': dataset, 'time_step': time_step, 'lr': 0.1}}
     atomic_save({'arch': name, 'state_dict': model.state_dict(), 'epoch': 3, 'acc': 10.0, 'best_acc': 10.0,
                  'model_args': {'num_classes': num_classes, 'time_step': time_step, 'leaky': leaky, 'vth': 2.0,
-                                'dropout': 0.2, 'solver': NETS[name].solver, 'threshold': 30}},
+                                'dropout': 0.2, 'solver': NETS[name].solver, 'threshold': 30}, **extra},
                 path)
     return model
 
@@ -164,7 +173,7 @@ def printed_table(out):
     for line in out.splitlines():
         cells = line.split()
         if cells and (cells[0].startswith('layer') and cells[0] != 'layer' or cells[0] == 'total'):
-            rows[cells[0]] = (int(cells[-2]), float(cells[-1]))
+            rows[cells[0]] = (int(cells[2]), float(cells[3]))
     return rows
 
 
@@ -202,8 +211,11 @@ def test_cifar_rate_script_matches_direct_computation(tmp_path, capsys):
     assert saved['loss'] == pytest.approx(loss, rel=1e-6) and saved['acc'] == pytest.approx(acc)
     with open(paths['csv'], newline='') as f:
         rows = list(csv.DictReader(f))
-    assert [row['layer'] for row in rows] == names + ['total']
-    assert [float(row['rate']) for row in rows] == pytest.approx(rates + [total], abs=1e-9)
+    assert [row['layer'] for row in rows] == ['input'] + names + ['classifier', 'total']
+    assert [float(row['rate']) for row in rows[1:-2] + rows[-1:]] == pytest.approx(rates + [total], abs=1e-9)
+    assert [float(row['sops']) for row in rows] == pytest.approx(
+        [0.0] + [layer['sops'] for layer in saved['layers']] + [0.0, saved['total_sops']], rel=1e-12)
+    assert int(rows[-1]['ann_macs']) == saved['ann_macs'] == 236_754_208  # tests/test_sops.py derives it
     assert open(paths['png'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
     sweep = json.loads(open(output_paths(ckpt, [1, 2, 3])['json']).read())
@@ -214,7 +226,7 @@ def test_cifar_rate_script_matches_direct_computation(tmp_path, capsys):
         assert [layer['rate'] for layer in run['layers']] == pytest.approx(rates_t, abs=1e-9)
         assert run['total_rate'] == pytest.approx(total_t, abs=1e-9)
     with open(output_paths(ckpt, [1, 2, 3])['csv'], newline='') as f:
-        assert len(list(csv.DictReader(f))) == 3 * 6
+        assert len(list(csv.DictReader(f))) == 3 * 8  # input, 5 layers, classifier, total
     assert os.path.getsize(output_paths(ckpt, [1, 2, 3])['png']) > 0
 
 
@@ -257,7 +269,7 @@ def test_every_network_and_data_set(tmp_path, capsys, arch, dataset, leaky):
     ckpt = tmp_path / 'ckpt.pth'
     model = write_project_checkpoint(ckpt, arch, num_classes=num_classes, time_step=2, leaky=leaky)
     code = get_rate.main(['--arch', arch, '--dataset', dataset, '--path', str(tmp_path / 'data'),
-                          '--resume', str(ckpt), '-j', '0', '--test-batch', '64'])
+                          '--resume', str(ckpt), '-j', '0', '--test-batch', '64', '--e-ac', '1.5', '--e-mac', '3'])
     out = capsys.readouterr().out
     assert code == 0, out
     # T and leaky come from the checkpoint's model_args when the flags do not give them.
@@ -268,6 +280,26 @@ def test_every_network_and_data_set(tmp_path, capsys, arch, dataset, leaky):
     assert [layer['rate'] for layer in saved['layers']] == pytest.approx(rates, abs=1e-9)
     assert saved['total_rate'] == pytest.approx(total, abs=1e-9)
     assert printed_table(out)['total'] == (sum(neurons), pytest.approx(total, abs=6e-7))
+
+    # SOPs from the rates: a layer inside the loop reads every step's spikes (rate x T spikes per
+    # position), the feedback the last layer's spikes of steps 0..T-2 (a simulation one step shorter).
+    x = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    with torch.no_grad():
+        counts = [r.sum(0) * 2 for r in model.get_all_rate(x)]
+        model.snn.time_step = 1
+        counts[-1] = model.get_all_rate(x)[-1].sum(0)
+    links = [link for link in network_links(model) if link.source is not None and link.source >= 0]
+    expected = [sops_of(c.reshape(link.input_shape), link.fanout()) / len(x) for c, link in zip(counts, links)]
+    assert min(expected) > 0
+    assert [layer['sops'] for layer in saved['layers']] == pytest.approx(expected, rel=1e-9)
+    if ARCHITECTURES[arch].spike_input:
+        input_counts = x[..., :2].sum(dim=(0, -1))
+        assert saved['input']['sops'] == pytest.approx(
+            sops_of(input_counts, network_links(model)[0].fanout()) / len(x), rel=1e-9)
+        assert saved['input']['macs_once'] == 0
+    energy = saved['energy_pj']
+    assert energy['snn'] == pytest.approx(1.5 * saved['total_sops'] + 3 * saved['snn_macs'], rel=1e-12)
+    assert energy['ann'] == 3 * saved['ann_macs'] and (energy['e_ac'], energy['e_mac']) == (1.5, 3.0)
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -333,3 +365,117 @@ def test_checkpoint_of_another_network_is_refused(tmp_path, capsys):
     assert get_rate.main(['--arch', 'alexnetf', '--dataset', 'cifar100'] + argv, prog='get_rate.py') == 1
     assert capsys.readouterr().err == ('get_rate.py: error: checkpoint is for alexnetf (num_classes=10), '
                                        'this run builds alexnetf (num_classes=100)\n')
+
+
+# ---------------------------------------------------------------- data set, folder, signals, sweep, device
+
+def test_the_checkpoints_data_set_is_the_default(tmp_path, capsys):
+    make_mnist(tmp_path / 'FAKE', n_train=4, n_test=6)  # MNIST files sit there: the wrong default would run
+    ckpt = tmp_path / 'run' / 'model_best.pth.tar'
+    ckpt.parent.mkdir()
+    write_project_checkpoint(ckpt, 'mnist_conv', time_step=2, leaky=0.95, dataset='digits')
+    common = ['--arch', 'mnist_conv', '--path', str(tmp_path / 'FAKE'), '--resume', str(ckpt), '-j', '0',
+              '--test-batch', '450']
+    assert get_rate.main(common) == 0
+    out = capsys.readouterr().out
+    saved = json.loads(open(output_paths(ckpt, 2)['json']).read())
+    assert (saved['dataset'], saved['samples']) == ('digits', 450)  # scikit-learn's 450 test digits
+    assert '==> Data set digits, as the checkpoint was trained\n' in out
+
+    # Another data set typed on the command line is used, and said in one line.
+    assert get_rate.main(common + ['-d', 'mnist', '--out-dir', str(tmp_path / 'other')]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if 'digits' in line] == \
+        ['==> Note: evaluating on mnist; the checkpoint was trained on digits']
+    saved = json.loads(open(output_paths(ckpt, 2, str(tmp_path / 'other'))['json']).read())
+    assert (saved['dataset'], saved['samples']) == ('mnist', 6)
+
+
+def unwritable_folder(tmp_path):
+    """A folder that refuses new files: read-only, or for root (who ignores that) a kernel folder."""
+    folder = tmp_path / 'readonly'
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return str(folder)
+    try:
+        open('/sys/.rates-probe', 'w').close()
+    except OSError:
+        return '/sys'
+    pytest.skip('no folder here refuses new files')
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_evaluation(tmp_path, capsys):
+    make_mnist(tmp_path / 'data', n_train=4, n_test=4)
+    ckpt = tmp_path / 'ckpt.pth'
+    write_project_checkpoint(ckpt, 'mnist_conv', time_step=2)
+    folder = unwritable_folder(tmp_path)
+    code = get_rate.main(['--arch', 'mnist_conv', '--path', str(tmp_path / 'data'), '--resume', str(ckpt),
+                          '-j', '0', '--out-dir', folder, '--sweep-T', '2', '3'], prog='get_rate.py')
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.count('\n') == 1 and err.startswith(f'get_rate.py: error: cannot write the statistics files to '
+                                                   f'{folder}: ')
+    assert 'Preparing dataset' not in out and 'Test Loss' not in out
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_stop_by_signal_is_one_line_and_writes_nothing(tmp_path, signum):
+    make_mnist(tmp_path / 'data', n_train=4, n_test=16)
+    ckpt = tmp_path / 'ckpt.pth'
+    write_project_checkpoint(ckpt, 'mnist_conv', time_step=5000, leaky=0.95)  # minutes of simulation
+    proc = subprocess.Popen([sys.executable, '-u', 'get_rate.py', '--arch', 'mnist_conv', '--path',
+                             str(tmp_path / 'data'), '--resume', str(ckpt), '-j', '0', '--test-batch', '8'],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in proc.stdout:
+            if line.startswith('==> Model'):  # the evaluation starts now
+                break
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum
+    assert err == 'get_rate.py: interrupted; no statistics file written\n'
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pth', 'data']
+
+
+def test_sweep_T_is_measured_once_per_T_in_order(tmp_path, capsys, monkeypatch):
+    make_mnist(tmp_path / 'data', n_train=4, n_test=4)
+    ckpt = tmp_path / 'ckpt.pth'
+    write_project_checkpoint(ckpt, 'mnist_conv', time_step=3)
+    evaluated, evaluate = [], get_rate.evaluate
+    monkeypatch.setattr(get_rate, 'evaluate', lambda *args: evaluated.append(args[-1]) or evaluate(*args))
+    assert get_rate.main(['--arch', 'mnist_conv', '--path', str(tmp_path / 'data'), '--resume', str(ckpt),
+                          '-j', '0', '--sweep-T', '4', '2', '4']) == 0
+    out = capsys.readouterr().out
+    assert evaluated == ['T=3', 'T=2', 'T=4']
+    sweep = json.loads(open(output_paths(ckpt, [2, 4])['json']).read())
+    assert [run['time_step'] for run in sweep['runs']] == [2, 4]
+    table = out.split('as functions of T')[1].splitlines()[1:]
+    assert table[0].split()[:3] == ['T', 'loss', 'acc'] and [row.split()[0] for row in table[1:3]] == ['2', '4']
+
+
+def test_the_device_line_says_why_a_gpu_id_runs_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # a machine without CUDA GPUs
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    code = get_rate.main(['--arch', 'mnist_conv', '--gpu-id', '3', '--resume', str(tmp_path / 'missing.pth')])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == '==> Device: cpu (--gpu-id 3 asks for a GPU, but no CUDA GPU is available)'
+    assert code == 1 and err.count('\n') == 1
+
+
+def test_a_stop_while_the_files_are_written_comes_after_all_three(tmp_path, monkeypatch):
+    stats = evaluate_rates(HandClassifier(hand_net(1.0)), [(torch.ones(2, 1), torch.zeros(2, dtype=torch.long))])
+    paths = output_paths(tmp_path / 'ckpt.pth', 4)
+    write_files = get_rate.write_files
+
+    def interrupted_write(*args):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C just as the files are being written
+        write_files(*args)
+    monkeypatch.setattr(get_rate, 'write_files', interrupted_write)
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        get_rate.write_stats(paths, {'x': 1}, [stats], b'png', get_rate.EnergyCosts(), written)
+    assert written == list(paths.values()) and all(os.path.exists(p) for p in written)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests import fakedata
-from utils import train
+from utils import checkpoint, train
 from utils.io import CheckpointError
 from utils.train import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
 
@@ -199,7 +199,7 @@ def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(data_root, tm
     def disk_full(*args, **kwargs):
         raise CheckpointError(f'cannot write {folder / "checkpoint.pth.tar"}: No space left on device')
 
-    monkeypatch.setattr(train, 'save_checkpoint', disk_full)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', disk_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_main('mnist_conv', ['--resume', str(folder / 'checkpoint.pth.tar'), '--epochs', '2'])

@@ -55,8 +55,8 @@ def log_rows(folder):
 
 
 def listing(folder):
-    """{name: (size, mtime_ns)} of a folder's files."""
-    return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)}
+    """{name: (size, mtime_ns)} of a folder's files but its lock, which names the last process that held it."""
+    return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.name != '.lock'}
 
 
 def load(path):

@@ -1,4 +1,4 @@
-"""Broyden's method and the damped fixed-point iteration against NumPy/SciPy solutions."""
+"""The adjoint solvers (Broyden, Anderson, the damped iteration) against NumPy/SciPy solutions."""
 import math
 
 import numpy as np
@@ -6,11 +6,12 @@ import pytest
 import scipy.optimize
 import torch
 
-from modules.solvers import SOLVERS, broyden, fixed_point_iter, get_solver
+from modules.solvers import SOLVERS, anderson, broyden, fixed_point_iter, get_solver, phantom_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SOLVER_FUNCS = {"broyden": broyden, "iter": fixed_point_iter}
+SOLVER_FUNCS = {name: entry.solve for name, entry in SOLVERS.items()}
+ALL_SOLVERS = sorted(SOLVER_FUNCS)
 
 
 def random_contraction(batch, n, radius, seed):
@@ -38,15 +39,16 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_linear_adjoint_problem_matches_numpy(solver):
-    """Both solvers solve batched y = v + y·J (spectral radius 0.8) to 1e-8 of numpy.linalg.solve."""
+    """Every solver solves batched y = v + y·J (spectral radius 0.8) to 1e-8 of numpy.linalg.solve."""
     func, v, exact = linear_problem()
     y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=300, tol=None)
     err = rel_err(y, exact)
     print(f"{solver}: relative error {err:.1e} after {info['nstep']} iterations")
     assert err <= 1e-8
     assert info["residual"] <= 1e-8 * info["init_residual"]
+    assert info["stop"] == "tol" and info["nstep"] < 300
 
 
 def test_broyden_is_fast_on_linear_problems():
@@ -119,15 +121,20 @@ def test_broyden_long_solve_rewrites_its_basis_without_changing_the_steps():
 
 @pytest.mark.parametrize("memory", [4, 27])
 def test_broyden_in_float32_follows_the_textbook_method(memory):
-    """In float32, 30 iterations on a 200-dimensional problem stay within float32 round-off
-    (1e-6) of the dense float64 textbook method: working through the Gram matrix of the stored
-    residuals loses no accuracy, with or without memory overwrites."""
+    """In float32, 30 iterations on a 200-dimensional problem stay as close to the dense float64
+    textbook method as the dense method itself run in float32 (within 10×, about 1e-7 here):
+    working through the Gram matrix of the stored residuals loses no accuracy, with or without
+    memory overwrites. The bound follows this CPU's own float32 rounding."""
     func, v, _ = linear_problem(batch=3, n=200, radius=0.95, seed=7)
     reference = reference_broyden(func, torch.zeros_like(v), 30, memory)
-    y, info = broyden(lambda z: func(z.double()).float(), torch.zeros_like(v, dtype=torch.float32),
-                      max_iter=30, tol=None, memory=memory)
+    func32 = lambda z: func(z.double()).float()  # noqa: E731
+    y0 = torch.zeros_like(v, dtype=torch.float32)
+    dense32 = reference_broyden(func32, y0, 30, memory)
+    y, info = broyden(func32, y0, max_iter=30, tol=None, memory=memory)
     assert info["nstep"] == 30
-    assert rel_err(y.double(), reference) <= 1e-6
+    err, floor = rel_err(y.double(), reference), rel_err(dense32.double(), reference)
+    print(f"memory {memory}: float32 error {err:.1e}, the dense method's in float32 {floor:.1e}")
+    assert 0 < floor <= 1e-6 and err <= 10 * floor
 
 
 def test_damped_iteration_fixed_point_is_the_true_solution():
@@ -153,17 +160,32 @@ def nonlinear_problem(batch=3, n=6, seed=7):
     return func, v, A
 
 
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+def scipy_reference(func, v, method):
+    """Each sample's solution of func(y) = y from SciPy (`root` or `anderson`), checked by its residual.
+
+    SciPy's success flag is not used: near the last bits its stopping tests depend on the CPU's
+    rounding (`root` at tol 1e-14 reports "xtol is too small" on some CPUs with a fine solution).
+    """
+    exact = []
+    for b in range(v.shape[0]):
+        def residual(y, b=b):
+            full = v.clone()
+            full[b] = torch.from_numpy(np.asarray(y))
+            return (func(full) - full)[b].numpy()
+        if method == "root":
+            x = scipy.optimize.root(residual, np.zeros(v.shape[1]), tol=1e-14).x
+        else:
+            x = scipy.optimize.anderson(residual, np.zeros(v.shape[1]), M=5, f_tol=1e-13, maxiter=500)
+        assert np.linalg.norm(residual(x)) <= 1e-12 * float(v[b].norm()), f"SciPy's {method} did not solve sample {b}"
+        exact.append(x)
+    return torch.from_numpy(np.stack(exact))
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_nonlinear_problem_matches_scipy_root(solver):
     """y = v + tanh(y·A)/2: each sample's solution agrees with scipy.optimize.root to 1e-8."""
     func, v, A = nonlinear_problem()
-    exact = []
-    for b in range(v.shape[0]):
-        vb, Ab = v[b].numpy(), A[b].numpy()
-        sol = scipy.optimize.root(lambda y: vb + np.tanh(y @ Ab) / 2 - y, np.zeros_like(vb), tol=1e-14)
-        assert sol.success
-        exact.append(sol.x)
-    exact = torch.from_numpy(np.stack(exact))
+    exact = scipy_reference(func, v, "root")
     y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=200)
     print(f"{solver}: relative error {rel_err(y, exact):.1e} after {info['nstep']} iterations")
     assert rel_err(y, exact) <= 1e-8
@@ -187,12 +209,15 @@ def test_broyden_returns_lowest_residual_iterate_and_survives_nan():
     assert info["nstep"] == 12
     residuals = torch.stack([r for _, r in seen[:4]])          # the finite evaluations
     best = residuals.nan_to_num(math.inf).argmin(dim=0)
+    assert len(set(best.tolist())) > 1, "the best iterates should come from different iterations"
     for b in range(v.shape[0]):
         assert torch.equal(y[b], seen[best[b]][0][b])
     true_residual = (func(y) - y).norm(dim=1)
     assert torch.allclose(true_residual, residuals.min(dim=0).values)
-    assert math.isfinite(info["residual"])
-    assert info["residual"] == pytest.approx(float(true_residual.norm()), rel=1e-12)
+    assert info["trace"][-1] == pytest.approx(float(true_residual.norm()), rel=1e-12)
+    # The returned batch mixes iterations, so the map is asked once more at it: here it answers NaN.
+    assert torch.equal(seen[-1][0], y) and info["nfev"] == 14 == len(seen)
+    assert info["residual"] == math.inf
 
 
 def test_broyden_recovers_from_a_transient_nan_in_one_sample():
@@ -237,22 +262,22 @@ def test_broyden_returns_the_best_iterate_when_the_residual_rises():
     assert info["trace"][-1] == info["residual"]
 
 
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_tolerance_stops_early(solver):
     """A relative `tol` stops as soon as the residual falls below tol × initial residual."""
     func, v, _ = linear_problem(radius=0.5, seed=13)
     y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=500, tol=1e-6)
-    assert info["nstep"] < 500
+    assert info["nstep"] < 500 and info["stop"] == "tol"
     assert info["residual"] < 1e-6 * info["init_residual"]
     assert info["trace"][-2] >= 1e-6 * info["init_residual"]  # and not a step later
 
 
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_no_tolerance_runs_every_iteration(solver):
     """tol=None runs max_iter iterations on a problem that does not converge to ~0 in time."""
     func, v, _ = linear_problem(radius=0.95, seed=17)
     _, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=7, tol=None)
-    assert info["nstep"] == 7
+    assert info["nstep"] == 7 and info["stop"] == "cap"
     assert len(info["trace"]) == 8
 
 
@@ -268,13 +293,13 @@ def test_no_tolerance_stops_when_converged_to_zero(solver):
         assert info["nstep"] == 1 and info["residual"] == 0.0
 
 
-@pytest.mark.parametrize("solver", ["broyden", "iter"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
 def test_info_fields(solver):
     """info holds nstep, residual, init_residual and a trace of one residual per iteration
     plus the initial one; residual is ‖func(y) - y‖ of the returned iterate."""
     func, v, _ = linear_problem(seed=19)
     y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=10)
-    assert {"nstep", "residual", "init_residual", "trace"} <= set(info)
+    assert {"nstep", "nfev", "residual", "init_residual", "trace", "stop", "syncs"} <= set(info)
     assert info["nstep"] == 10 and len(info["trace"]) == 11
     assert info["init_residual"] == pytest.approx(float(v.norm()))
     assert info["trace"][0] == info["init_residual"] and info["trace"][-1] == info["residual"]
@@ -283,8 +308,114 @@ def test_info_fields(solver):
 
 
 def test_get_solver():
-    """get_solver names the registered solvers and rejects unknown names with ValueError."""
-    assert get_solver("broyden") is broyden and get_solver("iter") is fixed_point_iter
-    assert set(SOLVERS) == {"broyden", "iter"}
+    """get_solver gives the table's entries; only the damped iteration starts the adjoint solve from v;
+    unknown names are rejected with ValueError."""
+    assert set(SOLVERS) == {"broyden", "anderson", "iter"}
+    assert get_solver("broyden").solve is broyden and get_solver("anderson").solve is anderson
+    assert get_solver("iter").solve is fixed_point_iter
+    assert [name for name, entry in SOLVERS.items() if entry.starts_from_v] == ["iter"]
+    assert "memory" in get_solver("anderson").options and not get_solver("iter").options
     with pytest.raises(ValueError, match="nope"):
         get_solver("nope")
+
+
+def coupled_problem(batch=3, n=8, seed=6):
+    """func(y) = v + 0.9·tanh((y - mean over the batch)·A): the samples interact, as through BN statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    A = A / torch.linalg.matrix_norm(A, 2)
+    v = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+
+    def func(y):
+        return v + 0.9 * torch.tanh((y - y.mean(0, keepdim=True)) @ A)
+    return func, v
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_reported_residual_is_that_of_the_returned_batch(solver):
+    """On a map coupling the samples, info['residual'] is ‖func(y) - y‖ at the returned y itself. For
+    Broyden, whose samples' best iterates here come from different iterations, that takes one more
+    call of func, and differs from the per-sample best residuals the trace ends with."""
+    func, v = coupled_problem()
+    y, info = SOLVER_FUNCS[solver](func, torch.zeros_like(v), max_iter=8)
+    true = float((func(y) - y).norm())
+    assert info["residual"] == pytest.approx(true, rel=1e-12)
+    if solver == "broyden":
+        assert info["nfev"] == info["nstep"] + 2
+        assert abs(info["trace"][-1] - true) > 0.1 * true
+
+
+def test_anderson_matches_scipy_anderson():
+    """y = v + tanh(y·A)/2: with a relative tolerance of 1e-13, Anderson (memory 5) reaches a residual
+    as small as SciPy's `anderson` (memory 5, whose answer is judged by its residual, 1e-12·‖v‖) and the
+    same solution to 1e-10."""
+    func, v, _ = nonlinear_problem()
+    exact = scipy_reference(func, v, "anderson")
+    y, info = anderson(func, torch.zeros_like(v), max_iter=100, tol=1e-13, memory=5)
+    print(f"anderson: relative error {rel_err(y, exact):.1e} after {info['nstep']} iterations")
+    assert info["stop"] == "tol" and info["nstep"] < 100
+    assert info["residual"] <= 1e-12 * float(v.norm())
+    assert rel_err(y, exact) <= 1e-10
+
+
+def test_anderson_survives_a_rank_deficient_history():
+    """A sample whose v is zero is solved by y0 = 0 with an exactly zero residual, so its Gram matrix is
+    all zeros at every iteration: the regularised weights stay finite, that sample stays exact and the
+    others converge as usual. A constant map is solved in one step."""
+    func, v, exact = linear_problem(batch=3, n=10, radius=0.8, seed=29)
+    v[0] = 0.0  # func reads v: sample 0's solution is now y = 0
+    exact[0] = 0.0
+    y, info = anderson(func, torch.zeros_like(v), max_iter=100, memory=5)
+    assert torch.isfinite(y).all() and info["stop"] == "tol"
+    assert torch.equal(y[0], exact[0])
+    assert rel_err(y, exact) <= 1e-8
+    y, info = anderson(lambda z: v.clone(), torch.zeros_like(v), max_iter=10, memory=5)
+    assert torch.equal(y, v) and info["residual"] == 0.0 and info["nstep"] == 1
+
+
+def test_anderson_recovers_from_a_transient_nan():
+    """A NaN map value sends Anderson back to its best iterate with an empty history; it still converges."""
+    func, v, exact = linear_problem(batch=3, n=10, radius=0.8, seed=23)
+    calls = {"n": 0}
+
+    def glitch(y):
+        calls["n"] += 1
+        out = func(y)
+        return torch.full_like(out, math.nan) if calls["n"] == 4 else out
+
+    y, info = anderson(glitch, torch.zeros_like(v), max_iter=100)
+    assert torch.isfinite(y).all() and info["stop"] == "tol"
+    assert rel_err(y, exact) <= 1e-8
+
+
+class HostReadCounter:
+    """Counts the Tensor methods that copy a value to the host (item, tolist, float(), int(), bool())."""
+
+    METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS + ["phantom"])
+def test_host_reads_are_one_per_iteration(monkeypatch, solver):
+    """A solve reads the device once per iteration (the stop test) plus once, and reports that count
+    as info['syncs']; the phantom steps, which have no stop test, read it once in all. (The reads are
+    counted where Python reaches the host: Tensor.item, tolist, float(), ...)"""
+    func, v, _ = linear_problem(radius=0.95, seed=31)
+    solve = phantom_steps if solver == "phantom" else SOLVER_FUNCS[solver]
+    counter = HostReadCounter(monkeypatch)
+    _, info = solve(func, torch.zeros_like(v), max_iter=12, tol=None, f0=v)
+    monkeypatch.undo()
+    assert info["nstep"] == 12
+    # Broyden evaluates the returned batch once more when it mixes iterations: one more read for its residual.
+    extra = info["nfev"] - info["nstep"]
+    expected = 1 if solver == "phantom" else info["nstep"] + 1 + extra
+    assert counter.count == info["syncs"] == expected

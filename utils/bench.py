@@ -11,10 +11,13 @@ A training step (DESIGN.md §3) is split into four parts, each timed alone
 - solve: the adjoint solve y = v + y·J on that graph. It takes n iterations,
          each evaluating the adjoint map y ↦ v + y·J (one vector-Jacobian
          product of f) once (the damped iteration, started from v, evaluates it
-         once more for its initial residual; the solver reports the count as
-         `nfev`), so `ms/iter` is solve ms / nfev and `iter/VJP` compares it with
-         one evaluation of the adjoint map timed alone (`ms/VJP`): the excess is
-         the solver's own overhead;
+         once more for its initial residual, and Broyden once more when the
+         samples' best iterates come from different iterations; the solver
+         reports the count as `nfev`), so `ms/iter` is solve ms / nfev and
+         `iter/VJP` compares it with one evaluation of the adjoint map timed
+         alone (`ms/VJP`): the excess is the solver's own overhead. `syncs`
+         counts the solver's copies to the host (each waits for the device's
+         queued work): one per iteration for the stop test, plus one;
 - optim: the optimizer step (SGD, momentum 0.9, weight decay 5e-4);
 
 then the whole step as the training loop runs it (`step`); `step/parts` is
@@ -44,7 +47,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, NETS, VariationalDropout, build_model
+from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model
 
 BENCH_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
 # The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
@@ -52,9 +55,10 @@ LEAK = {"mnist_conv": 0.95, "fashion_mlp": 0.95, "nmnist_conv": 0.95, "alexnetf"
 # Small batches keep the whole CPU table within minutes on two cores.
 CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf": 8, "cifarnetf": 8}
 SPIKE_DENSITY = 0.1
-COLUMNS = ("net", "T", "amp", "batch", "sim ms", "f fwd+bwd ms", "solve ms", "n iters", "ms/iter",
+COLUMNS = ("net", "T", "amp", "batch", "sim ms", "f fwd+bwd ms", "solve ms", "n iters", "syncs", "ms/iter",
            "ms/VJP", "iter/VJP", "optim ms", "step ms", "step/parts", "img/s", "peak MB", "input MB")
-# The issue's limits on a step.
+# The benchmark's targets for a training step (README, "Speed and memory"): the parts add up to the
+# step, a conv net's solver iteration costs little more than its VJP, and peak memory does not grow with T.
 MAX_STEP_OVER_PARTS = 1.15
 MAX_ITER_OVER_VJP = 1.3
 MAX_PEAK_GROWTH = 1.10
@@ -73,11 +77,15 @@ def make_batch(name, batch, time_step, device, seed=0):
     return x.to(device), target.to(device)
 
 
-def build_training(name, time_step, device, seed=0):
-    """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer."""
+def build_training(name, time_step, device, seed=0, **gradient_options):
+    """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer.
+
+    gradient_options: build_model's solver (None: the paper's), grad, solver_memory, phantom_k, phantom_tau.
+    """
     torch.manual_seed(seed)
-    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2,
-                        solver=NETS[name].solver).to(device).train()
+    options = dict(gradient_options)
+    options["solver"] = options.get("solver") or NETS[name].solver
+    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2, **options).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return model, optimizer
 
@@ -229,7 +237,7 @@ def cuda_peak_mb(fn, device):
 
 
 def time_parts(step, repeats, device):
-    """Median ms of every part alone and of the whole step, median iterations, median ms per adjoint-map call."""
+    """Median ms of every part alone and of the whole step, and (iterations, host syncs) of the median solve."""
     runs = {part: [] for part in ("sim", "f", "solve", "iter", "vjp", "optim", "step")}
     iterations = []
     for _ in range(repeats):
@@ -238,7 +246,7 @@ def time_parts(step, repeats, device):
         step.capture()  # a fresh graph: the optimizer steps below change the parameters it saved
         info = {}
         runs["solve"].append(time_ms(lambda: info.update(step.solve()), device))
-        iterations.append(info["nstep"])
+        iterations.append((info["nstep"], info["syncs"]))
         runs["iter"].append(runs["solve"][-1] / max(info["nfev"], 1))
         # A VJP is short and noisy: the median of several.
         runs["vjp"].append(statistics.median(time_ms(step.vjp, device) for _ in range(VJP_SAMPLES)))
@@ -257,20 +265,20 @@ def release_step_buffers(model, optimizer):
             module.reset()
 
 
-def measure(name, time_step, batch, device="cpu", amp=False, repeats=3, seed=0):
-    """One table row (a dict keyed by COLUMNS) for net `name` at T = time_step."""
+def measure(name, time_step, batch, device="cpu", amp=False, repeats=3, seed=0, **gradient_options):
+    """One table row (a dict keyed by COLUMNS) for net `name` at T = time_step (options: see build_training)."""
     device = torch.device(device)
-    model, optimizer = build_training(name, time_step, device, seed)
+    model, optimizer = build_training(name, time_step, device, seed, **gradient_options)
     x, target = make_batch(name, batch, time_step, device, seed)
     step = TrainingStep(model, optimizer, x, target, amp)
     step.full()      # warm-up: kernels chosen, optimizer state allocated
     step.by_parts()  # warm-up of the parts; stores the adjoint solution they reuse
-    ms, n = time_parts(step, repeats, device)
+    ms, (n, syncs) = time_parts(step, repeats, device)
     release_step_buffers(model, optimizer)
     peak = cuda_peak_mb(step.full, device) if device.type == "cuda" else cpu_peak_mb(step.full)
     parts_sum = ms["sim"] + ms["f"] + ms["solve"] + ms["optim"]
     return {"net": name, "T": time_step, "amp": amp, "batch": batch,
-            "sim ms": ms["sim"], "f fwd+bwd ms": ms["f"], "solve ms": ms["solve"], "n iters": n,
+            "sim ms": ms["sim"], "f fwd+bwd ms": ms["f"], "solve ms": ms["solve"], "n iters": n, "syncs": syncs,
             "ms/iter": ms["iter"], "ms/VJP": ms["vjp"], "iter/VJP": ms["iter"] / ms["vjp"],
             "optim ms": ms["optim"], "step ms": ms["step"], "step/parts": ms["step"] / parts_sum,
             "img/s": 1e3 * batch / ms["step"], "peak MB": peak,
@@ -296,7 +304,7 @@ def markdown_table(rows):
 
 
 def constraint_lines(rows):
-    """One line per limit of the issue, naming the rows that break it."""
+    """One line per target of the benchmark, naming the rows that miss it."""
     over = [f"{r['net']} T={r['T']}" for r in rows if r["step/parts"] > MAX_STEP_OVER_PARTS]
     slow = [f"{r['net']} T={r['T']}" for r in rows
             if ARCHITECTURES[r["net"]].kind == "conv" and r["iter/VJP"] > MAX_ITER_OVER_VJP]
@@ -328,11 +336,21 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as the training scripts' --amp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="adjoint solver (default: the net's)")
+    p.add_argument("--solver-memory", type=int, default=None, help="memory of broyden/anderson (default: theirs)")
+    p.add_argument("--grad", choices=sorted(GRADIENTS), default="ide", help="gradient mode (modules.implicit)")
+    p.add_argument("--phantom-k", type=int, default=5, help="phantom gradient steps")
+    p.add_argument("--phantom-tau", type=float, default=0.5, help="phantom gradient step size")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if min(args.time_steps) < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
         p.error("--time-steps, --repeats and --batch must be >= 1")
+    try:
+        adjoint_solve(args.grad, args.solver or "broyden", 30, None, args.solver_memory, args.phantom_k,
+                      args.phantom_tau)
+    except ValueError as error:
+        p.error(str(error))
     return args
 
 
@@ -347,8 +365,12 @@ def header(args):
     """One line saying where the table was measured."""
     threads = args.threads or torch.get_num_threads()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {threads} threads"
+    gradient = f"grad={args.grad}" + (f" (K={args.phantom_k}, tau={args.phantom_tau})" if args.grad == "phantom" else "")
+    if args.grad == "ide":
+        gradient += f", solver={args.solver or 'the paper net default'}" + (
+            f", memory {args.solver_memory}" if args.solver_memory else "")
     return (f"torch {torch.__version__}, {where}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-            f"median of {args.repeats}")
+            f"median of {args.repeats}, {gradient}")
 
 
 def main(argv=None):
@@ -356,7 +378,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(name, time_step, batch_size(args, name), args.device, args.amp, args.repeats)
+    options = dict(solver=args.solver, grad=args.grad, solver_memory=args.solver_memory, phantom_k=args.phantom_k,
+                   phantom_tau=args.phantom_tau)
+    rows = [measure(name, time_step, batch_size(args, name), args.device, args.amp, args.repeats, **options)
             for name in args.nets for time_step in args.time_steps]
     print(header(args))
     print()

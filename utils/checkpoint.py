@@ -60,28 +60,52 @@ def make_folder(folder):
 
 
 class FolderLock:
-    """An exclusive lock on folder/.lock for as long as the run lives; a second run there is refused."""
+    """An exclusive lock on folder/.lock for as long as the run lives; a second run there is refused.
+
+    The file holds the owner's PID and is removed on release; a process killed
+    outright leaves it behind, unlocked, and the next run simply takes it.
+    """
 
     def __init__(self, folder):
         """Take the lock (creating the folder), or raise RunError naming the process that holds it."""
+        self.created = not os.path.isdir(folder)
         make_folder(folder)
-        self.path = os.path.join(folder, LOCK_NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 64).decode(errors='replace').strip() or 'unknown'
+        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(self.fd, 64).decode(errors='replace').strip() or 'unknown'
+                os.close(self.fd)
+                raise RunError(f'{folder} is in use by another run (PID {holder}); wait for it to end, '
+                               f'or choose another folder with -c') from None
+            # The previous owner may have removed the file between our open and our lock: take a fresh one.
+            if self._still_linked():
+                break
             os.close(self.fd)
-            raise RunError(f'{folder} is in use by another run (PID {holder}); wait for it to end, '
-                           f'or choose another folder with -c') from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f'{os.getpid()}\n'.encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f'{os.getpid()}\n'.encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only the holder's PID goes unnamed
+
+    def _still_linked(self):
+        """True when the locked descriptor is still the file at self.path."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self):
-        """Let another run have the folder."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        """Let another run have the folder; remove it again if this run created it and wrote nothing there."""
+        if self.fd is None:
+            return
+        os.remove(self.path)  # while still locked, so that no one else holds this file
+        if self.created and not os.listdir(self.folder):
+            os.rmdir(self.folder)
+        os.close(self.fd)  # closing the descriptor releases the flock
+        self.fd = None
 
 
 def remove_stale_temporaries(folder, say):

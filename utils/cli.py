@@ -14,8 +14,8 @@ OPTIMIZERS = ('SGD', 'Adam')
 LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch', 'deterministic',
                'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
-RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, gpu_id=None, sync_bn=False,
-                    amp=False)
+RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
+                    gpu_id=None, sync_bn=False, amp=False, deterministic=False, dist_timeout=60.0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -155,6 +155,11 @@ def _run_flags(parser, default, net):
                             'the later epochs\' log and checkpoint are kept aside')
     group.add_argument('-e', '--evaluate', action='store_true', default=default('evaluate'),
                        help='only evaluate the --resume checkpoint on the test set; writes nothing')
+    group.add_argument('--sweep-T', type=POSITIVE_INT, nargs='+', default=default('sweep_T'), metavar='T',
+                       help='with -e: test accuracy at each of these T, written beside the checkpoint '
+                            '(acc_<checkpoint>_sweepT<...>.json/.csv/.png)')
+    group.add_argument('--overwrite', action='store_true', default=default('overwrite'),
+                       help='with --sweep-T: replace the files of an earlier sweep')
     group.add_argument('--manualSeed', type=SEED, default=default('manualSeed'),
                        help='random seed (default: a random one, printed)')
 
@@ -168,6 +173,10 @@ def _device_flags(parser, default, net):
                        help='synchronise BatchNorm statistics across processes (torchrun)')
     group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=default('amp'),
                        help='bfloat16 autocast for the linear operators (GPUs, and CPUs with AVX512-BF16 or AMX)')
+    group.add_argument('--deterministic', action='store_true', default=default('deterministic'),
+                       help='deterministic cuDNN and cuBLAS kernels, so that a GPU run repeats exactly (slower)')
+    group.add_argument('--dist-timeout', type=POSITIVE, default=default('dist_timeout'), metavar='MINUTES',
+                       help='how long a process under torchrun waits for the others (e.g. while one prepares data)')
 
 
 def check_args(parser, args, arch):
@@ -179,6 +188,8 @@ def check_args(parser, args, arch):
         parser.error('--evaluate: needs --resume FILE, the checkpoint to evaluate')
     if not args.resume and args.start_epoch >= args.epochs:
         parser.error(f'--start-epoch: expected an epoch below --epochs ({args.epochs}), got {args.start_epoch}')
+    if args.sweep_T and not args.evaluate:
+        parser.error('--sweep-T: needs -e --resume FILE, the checkpoint to measure')
     if args.rewind and not args.resume:
         parser.error('--rewind: needs --resume FILE, the earlier checkpoint to continue from')
     if args.train_batch < 2 and not args.evaluate and ARCHITECTURES[arch].kind == 'fc':

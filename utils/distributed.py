@@ -22,14 +22,22 @@ counted once; losses and accuracies are summed over all processes. Rank 0
 alone prints and writes the checkpoint folder, so with several machines -c
 should be on storage every machine can read back for `--resume`; missing
 data files are fetched or unpacked by one process per machine (local rank 0)
-before the others read them.
+before the others read them, while the others wait up to the process group's
+timeout (init_from_env; the scripts' --dist-timeout, 60 minutes by default).
+Each process needs a GPU of its own: more processes on a machine than visible
+GPUs stop at start-up with DistributedError.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# Ranks other than local rank 0 wait in a collective while it downloads or converts the data set
+# (NCCL gives up after 10 minutes by default); the scripts' --dist-timeout overrides it.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -50,18 +58,44 @@ class Context:
         return self.rank == 0
 
 
-def init_from_env():
-    """Join the process group torchrun describes (WORLD_SIZE > 1), NCCL on CUDA, Gloo otherwise."""
+class DistributedError(RuntimeError):
+    """The processes cannot be set up as launched (more processes than GPUs); one-line message."""
+
+
+def init_from_env(timeout=DEFAULT_TIMEOUT):
+    """Join the process group torchrun describes (WORLD_SIZE > 1), NCCL on CUDA, Gloo otherwise.
+
+    timeout (a datetime.timedelta) bounds every collective: long enough for
+    local rank 0 to download or convert the data while the others wait.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size <= 1:
         return Context()
     ctx = Context(int(os.environ['RANK']), world_size, int(os.environ.get('LOCAL_RANK', '0')))
     if torch.cuda.is_available():
+        check_gpu_count(ctx)
         torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group('nccl')
+        dist.init_process_group('nccl', timeout=timeout)
     else:
-        dist.init_process_group('gloo')
+        dist.init_process_group('gloo', timeout=timeout)
     return ctx
+
+
+def check_gpu_count(ctx):
+    """Raise DistributedError unless every process on this machine has a visible GPU of its own."""
+    # Every process of the machine checks the whole count, so all of them stop, not only those
+    # whose GPU index is missing (the others would wait for them until the timeout).
+    processes = max(int(os.environ.get('LOCAL_WORLD_SIZE', '0')), ctx.local_rank + 1)
+    visible = torch.cuda.device_count()
+    if processes <= visible:
+        return
+    mask = os.environ.get('CUDA_VISIBLE_DEVICES')
+    shown = f' (CUDA_VISIBLE_DEVICES={mask})' if mask is not None else ''
+    raise DistributedError(
+        f'{processes} processes on this machine but {visible} visible GPU{"s" if visible != 1 else ""}{shown}: '
+        f'each process needs a GPU of its own; start at most {visible} per machine '
+        f'(torchrun --nproc_per_node={visible}), make more GPUs visible (--gpu-id, CUDA_VISIBLE_DEVICES), '
+        f'or run on CPUs with CUDA_VISIBLE_DEVICES=')
 
 
 def shutdown(ctx):

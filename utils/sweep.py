@@ -14,9 +14,10 @@ import os
 import re
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from modules import build_model, is_leaky
+from utils.engine import evaluate
 from utils.io import CheckpointError, atomic_write, atomic_write_text
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
@@ -67,19 +68,11 @@ def refuse_existing(out_prefix, overwrite):
 @torch.no_grad()
 def test_accuracy(model, loader, device, amp=False):
     """(samples, mean cross-entropy loss, top-1 accuracy in %) of model in evaluation mode over loader."""
-    model.eval()
-    loss_sum, correct, samples = 0.0, 0, 0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(inputs)
-        # float64 sums: a test set of 10^4 samples would lose digits in float32.
-        loss_sum += F.cross_entropy(logits.double(), targets, reduction='sum').item()
-        correct += (logits.argmax(dim=1) == targets).sum().item()
-        samples += targets.numel()
-    if not samples:
+    if len(loader.dataset) == 0:
         raise ValueError('the test set has no samples')
-    return samples, loss_sum / samples, 100.0 * correct / samples
+    loss, acc, _ = evaluate(model, loader, nn.CrossEntropyLoss(), device, amp=amp,
+                            title=f'T={model.snn.time_step}')
+    return len(loader.dataset), loss, acc
 
 
 def csv_text(rows):

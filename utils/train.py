@@ -5,6 +5,7 @@ folder and resume policy lives in utils/checkpoint.py, one epoch and the
 evaluation pass in utils/engine.py.
 """
 import contextlib
+import datetime
 import functools
 import os
 import random
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from modules import ARCHITECTURES, NETS, build_model
-from utils import cli, distributed
+from utils import cli, distributed, sweep
 from utils.checkpoint import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
                               remove_stale_temporaries, restore_foreign, restore_training, save_state, saved_log,
                               seed_everything, set_aside_abandoned, training_state, PLOT_NAME)
@@ -126,9 +127,7 @@ def main(arch, args, explicit, ctx, state):
         model = build(arch, state.model_args, ckpt, say).to(device)
         state.criterion = nn.CrossEntropyLoss().to(device)
         if args.evaluate:
-            loss, top1, _ = evaluate(model, state.test_loader, state.criterion, device, ctx=ctx, amp=args.amp)
-            say(f'Test Loss: {loss:.4f}  Test Acc: {top1:.2f}')
-            return dict(loss=loss, acc=top1)
+            return evaluate_only(state, model, ckpt)
         # 4. Optimizer, and where training stands.
         state.model = distributed.wrap(model, ctx, device, sync_bn=args.sync_bn)
         state.optimizer = make_optimizer(args, state.model.parameters())
@@ -143,6 +142,36 @@ def main(arch, args, explicit, ctx, state):
         with StopRequest() as stop:
             return train_epochs(state, stop, start_epoch, iteration, best_acc,
                                 saved_log(ckpt, len(state.columns)))
+
+
+def evaluate_only(state, model, ckpt):
+    """-e: the test loss and accuracy, and with --sweep-T the accuracy as a function of T (files beside the
+    checkpoint)."""
+    args, ctx, say = state.args, state.ctx, state.say
+    prefix = None
+    if args.sweep_T:
+        if ctx.enabled:
+            raise RunError('--sweep-T runs in one process: start it without torchrun')
+        prefix = sweep.sweep_prefix(args.resume, args.sweep_T)
+        sweep.refuse_existing(prefix, args.overwrite)  # now, not after the evaluation
+    loss, top1, _ = evaluate(model, state.test_loader, state.criterion, state.device, ctx=ctx, amp=args.amp)
+    say(f'Test Loss: {loss:.4f}  Test Acc: {top1:.2f}')
+    if prefix is None:
+        return dict(loss=loss, acc=top1)
+
+    def test_loader_for(time_step):
+        """Static input: the same test set for every T; spike input is binned into T frames."""
+        if not ARCHITECTURES[state.arch].spike_input:
+            return state.test_loader
+        _, test_set, _ = get_datasets(args.dataset, args.path, time_step=time_step)
+        return build_loaders(test_set, test_set, args.train_batch, args.test_batch, args.workers)[1]
+
+    rows = sweep.sweep_accuracy(state.arch, state.model_args, model.state_dict(), test_loader_for, args.sweep_T,
+                                state.device, prefix, amp=args.amp, overwrite=args.overwrite)
+    say(f'Test accuracy as a function of T ({cli.neuron_line(args.leaky)})')
+    say(sweep.format_rows(rows))
+    say('Wrote ' + ', '.join(sweep.sweep_paths(prefix).values()))
+    return dict(loss=loss, acc=top1, sweep=rows)
 
 
 def adopt_checkpoint_flags(arch, args, explicit, ckpt, say):
@@ -339,7 +368,14 @@ def run(arch, argv=None, description=None):
     """
     prog = NETS[arch].script
     args, explicit, notes = cli.parse_args(arch, argv, description)
-    ctx = distributed.init_from_env()
+    try:
+        ctx = distributed.init_from_env(timeout=datetime.timedelta(minutes=args.dist_timeout))
+    except distributed.DistributedError as exc:
+        if int(os.environ.get('RANK', '0')) == 0:  # every process meets it: one line is enough
+            error(prog, exc)
+        sys.exit(1)
+    if args.deterministic:
+        make_deterministic()
     state = Run(arch, args, ctx, print if ctx.is_main else (lambda *a, **k: None))
     for note in notes if ctx.is_main else ():
         warn(note)
@@ -359,6 +395,15 @@ def run(arch, argv=None, description=None):
         sys.exit(1)
     finally:
         distributed.shutdown(ctx)
+
+
+def make_deterministic():
+    """Deterministic cuDNN and cuBLAS kernels (and an error from any op that has none), before CUDA starts."""
+    # cuBLAS reads its workspace setting when it starts: set it before the first CUDA operation.
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def interrupted_message(state):
