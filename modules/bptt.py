@@ -143,8 +143,6 @@ def input_current(layer, x, stats):
             mean, var = stats
             out = layer.normalize(h, stats=(mean.detach(), var.detach()))
             h = StatisticsGradient.apply(out, h, mean, var, layer.bn.weight.detach(), layer.bn.eps)
-    if layer.pool is not None:
-        h = layer.pool(h)
     return layer.dropout(h)
 
 

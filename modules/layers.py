@@ -3,7 +3,7 @@
 Every synaptic operator of the network (the input layer F, the feed-forward
 layers W_l inside the feedback loop and the feedback operator W_fb) is a
 `Connection`: a linear operator (fc, conv or transposed conv), optionally
-followed by batch normalisation and average pooling, then variational dropout.
+followed by batch normalisation, then variational dropout.
 The feedback operator's weight is reparameterised by `SpectralScale`.
 """
 import torch
@@ -152,7 +152,7 @@ def sync_group(bn):
 
 
 class Connection(nn.Module):
-    """A synaptic operator: linear op (+ BN) (+ avg-pool) + variational dropout.
+    """A synaptic operator: linear op (+ BN) + variational dropout.
 
     BN is applied in one of three ways, chosen by the caller:
     `stats=(mean, var)` normalises with given statistics (the simulation);
@@ -162,7 +162,7 @@ class Connection(nn.Module):
     in evaluation the running statistics are used.
     """
 
-    def __init__(self, linear, bn=False, pool=None, dropout=0.0, flatten=False):
+    def __init__(self, linear, bn=False, dropout=0.0, flatten=False):
         super().__init__()
         self.flatten = flatten
         self.linear = linear
@@ -172,11 +172,10 @@ class Connection(nn.Module):
             self.bn = (nn.BatchNorm2d if isinstance(linear, (nn.Conv2d, nn.ConvTranspose2d)) else nn.BatchNorm1d)(channels)
         else:
             self.bn = None
-        self.pool = nn.AvgPool2d(pool) if pool else None
         self.dropout = VariationalDropout(dropout)
 
     def linear_part(self, h):
-        """The linear operator alone (no BN, pooling or dropout)."""
+        """The linear operator alone (no BN or dropout)."""
         return self.linear(h.flatten(1) if self.flatten else h)
 
     def running_stats(self):
@@ -202,8 +201,6 @@ class Connection(nn.Module):
         h = self.linear_part(h)
         if self.bn is not None:
             h = self.normalize(h, stats, update_stats)
-        if self.pool is not None:
-            h = self.pool(h)
         return self.dropout(h)
 
 

@@ -102,8 +102,6 @@ class SNNClassifier(nn.Module):
     def _layer_shapes(self):
         """Shape (without batch) of every spiking layer, found by pushing a zero input through."""
         h = self.snn.input_layer.linear_part(torch.zeros(1, *self.arch.input_shape))
-        if self.snn.input_layer.pool is not None:
-            h = self.snn.input_layer.pool(h)
         shapes = [tuple(h.shape[1:])]
         for layer in self.snn.layers:
             h = layer.linear_part(h)

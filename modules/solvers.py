@@ -308,9 +308,9 @@ def anderson(func, y0, max_iter=30, tol=None, memory=5, f0=None, beta=1.0, regul
     finite weights instead of a singular system. A non-finite residual sends
     the method back to its best iterate with an empty history.
 
-    Each iteration stores y and g (2·m vectors of (B, n) in all), reads the
-    stored residuals once for the new Gram row and the stored pairs once for
-    the step, and reads two numbers on the host (the whole-batch residual
+    Each iteration stores g and y + β g (2·m vectors of (B, n) in all), reads
+    the stored residuals once for the new Gram row and the stored y + β g
+    once for the step, and reads two numbers on the host (the whole-batch residual
     and whether it is finite). The returned iterate is one the map was
     evaluated at as a whole, so `residual` is exact even for maps that couple
     the samples.
@@ -318,7 +318,8 @@ def anderson(func, y0, max_iter=30, tol=None, memory=5, f0=None, beta=1.0, regul
     B, n = y0.shape
     memory = max(1, min(memory, max_iter))
     eps = regularization if regularization is not None else 100 * torch.finfo(y0.dtype).eps
-    Y, G = y0.new_empty(memory, B, n), y0.new_empty(memory, B, n)  # the history, a ring of slots
+    # The history, a ring of slots: residuals g_i, and the points y_i + β g_i that the step combines.
+    G, Z = y0.new_empty(memory, B, n), y0.new_empty(memory, B, n)
     gram = y0.new_zeros(B, memory, memory)
     eye = torch.eye(memory, dtype=y0.dtype, device=y0.device)
     reads = _HostReads()
@@ -332,13 +333,14 @@ def anderson(func, y0, max_iter=30, tol=None, memory=5, f0=None, beta=1.0, regul
     nstep, stored = 0, 0  # stored: history entries since the start or the last restart
     while nstep < max_iter and not residual < stop:
         slot, size = stored % memory, min(stored + 1, memory)
-        Y[slot], G[slot] = y, g
+        G[slot] = g
+        torch.add(y, g, alpha=beta, out=Z[slot])
         dots = _dots(g, G[:size])  # (B, size)
         gram[:, slot, :size] = dots
         gram[:, :size, slot] = dots
         alpha = _anderson_weights(gram[:, :size, :size], eye[:size, :size], eps)  # (B, size)
         # y = Σ α_i (y_i + β g_i) per sample: (B, 1, size) @ (B, size, n).
-        y = torch.bmm(alpha[:, None], (Y[:size] + beta * G[:size]).transpose(0, 1)).squeeze(1)
+        y = torch.bmm(alpha[:, None], Z[:size].transpose(0, 1)).squeeze(1)
         g = func(y) - y
         nstep, stored = nstep + 1, stored + 1
         sq = (g * g).sum()

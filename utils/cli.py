@@ -15,7 +15,7 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
                'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
-                    gpu_id=None, sync_bn=False, amp=False, deterministic=False, dist_timeout=60.0)
+                    gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -173,6 +173,9 @@ def _device_flags(parser, default, net):
                        help='synchronise BatchNorm statistics across processes (torchrun)')
     group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=default('amp'),
                        help='bfloat16 autocast for the linear operators (GPUs, and CPUs with AVX512-BF16 or AMX)')
+    group.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=default('tf32'),
+                       help='let the simulation and f use TF32 on Ampere and later GPUs (the adjoint solve stays '
+                            'full float32)')
     group.add_argument('--deterministic', action='store_true', default=default('deterministic'),
                        help='deterministic cuDNN and cuBLAS kernels, so that a GPU run repeats exactly (slower)')
     group.add_argument('--dist-timeout', type=POSITIVE, default=default('dist_timeout'), metavar='MINUTES',

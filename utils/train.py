@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modules import ARCHITECTURES, NETS, build_model
+from modules import ARCHITECTURES, NETS, build_model, precision
 from utils import cli, distributed, sweep
 from utils.checkpoint import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
                               remove_stale_temporaries, restore_foreign, restore_training, save_state, saved_log,
@@ -199,6 +199,7 @@ def start_up(args, ctx, say):
             warn('warning: --amp: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 '
                  'convolutions run tens of times slower than float32; running in float32')
         args.amp = False
+    precision.allow_tf32(args.tf32)
     say(cli.neuron_line(args.leaky))
     say(device_line(device, ctx, args.train_batch))
     say(f'Seed: {args.manualSeed}')
