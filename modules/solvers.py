@@ -95,22 +95,31 @@ class _LowRankInverse:
     d = 0.
     """
 
+    # Devices on which H's products run as batched matrix products (three kernels per product with H);
+    # elsewhere as broadcast products (eight kernels), which on a CPU run without waking a thread pool.
+    MATMUL_DEVICES = ("cuda",)
+
     def __init__(self, gram, memory):
         B, capacity, _ = gram.shape
         self.gram = gram
         self.u = gram.new_zeros(B, memory, capacity)
         self.w = gram.new_zeros(B, memory, capacity)
         self.d = gram.new_zeros(B, memory)
+        self.matmul = gram.device.type in self.MATMUL_DEVICES
 
     def apply(self, coeff, transpose=False, gram_coeff=None):
         """Coefficients of H x (Hᵀ x when transpose) for x with coefficients coeff (B, capacity).
 
         gram_coeff, if the caller has it, is gram·coeff (x's dot products with the basis), (B, capacity).
         """
-        # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients. The operands
-        # are a few thousand numbers: broadcast products, unlike batched matrix products, run them
-        # without waking a thread pool.
+        # H x = -x + Σ_k u_k d_k (w_k·x), with w_k·x = w_kᵀ gram x in coefficients: a few thousand numbers.
         left, right = (self.u, self.w) if transpose else (self.w, self.u)
+        if self.matmul:
+            if gram_coeff is None:
+                gram_coeff = torch.bmm(self.gram, coeff[:, :, None]).squeeze(2)
+            dots = torch.bmm(left, gram_coeff[:, :, None]).squeeze(2)  # (B, memory)
+            # -coeff + (d ∘ dots)ᵀ right, as (B, 1, memory) @ (B, memory, capacity)
+            return torch.baddbmm(coeff[:, None], (self.d * dots)[:, None], right, beta=-1.0).squeeze(1)
         if gram_coeff is None:
             gram_coeff = (self.gram * coeff[:, None, :]).sum(2)
         dots = (left * gram_coeff[:, None, :]).sum(2)
@@ -186,7 +195,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
     Hg = -one_hot[0].expand(B, -1)  # coefficients of H g, with H = -I
     best_sq = _finite_squares(gram[:, 0, 0])  # (B,) squared residual of each sample's best iterate
     best_y = y  # never modified in place
-    best_step = torch.zeros(B, dtype=torch.long, device=y0.device)  # the iteration each best iterate is from
+    best_step = y0.new_zeros(B)  # the iteration each best iterate is from (in y's dtype: read with the residuals)
     residual = math.sqrt(math.fsum(reads.floats(best_sq)))
     stop = _stop_level(residual, g.numel(), tol)
     trace = [residual]
@@ -208,7 +217,7 @@ def broyden(func, y0, max_iter=30, tol=None, memory=27, f0=None):
         best_y = torch.where(better[:, None], y, best_y)
         best_step = best_step.masked_fill(better, nstep)
         # The one host read of the iteration: 3·B numbers, summarised on the host (fewer kernels than on the device).
-        best_host, new_host, steps = reads.floats(torch.stack([best_sq, sample_sq, best_step.to(y.dtype)]))
+        best_host, new_host, steps = reads.floats(torch.stack([best_sq, sample_sq, best_step]))
         residual = math.sqrt(math.fsum(best_host))  # +inf as soon as one sample's is
         mixed = min(steps) != max(steps)
         trace.append(residual)

@@ -6,7 +6,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from modules.solvers import SOLVERS, anderson, broyden, fixed_point_iter, get_solver, phantom_steps
+from modules.solvers import SOLVERS, _LowRankInverse, anderson, broyden, fixed_point_iter, get_solver, phantom_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,10 +95,19 @@ def reference_broyden(func, y0, max_iter, memory):
     return torch.stack(out)
 
 
+@pytest.fixture(params=["broadcast", "matmul"])
+def products(request, monkeypatch):
+    """Run Broyden's products with H both ways: broadcast (the CPU's) and batched matrix products (CUDA's)."""
+    if request.param == "matmul":
+        monkeypatch.setattr(_LowRankInverse, "MATMUL_DEVICES", ("cuda", "cpu"))
+    return request.param
+
+
 @pytest.mark.parametrize("memory", [1, 3, 27])
-def test_broyden_matches_the_textbook_method(memory):
+def test_broyden_matches_the_textbook_method(memory, products):
     """With iterates tracked per sample, our Broyden takes exactly the steps of a dense textbook
-    implementation, including when the limited memory overwrites its oldest terms."""
+    implementation, including when the limited memory overwrites its oldest terms, with H's products
+    run either way."""
     func, v, exact = linear_problem(batch=3, n=10, radius=0.9, seed=5)
     steps = 8
     y, info = broyden(func, torch.zeros_like(v), max_iter=steps, tol=None, memory=memory)
@@ -109,7 +118,7 @@ def test_broyden_matches_the_textbook_method(memory):
         assert rel_err(y_long, exact) <= 1e-8
 
 
-def test_broyden_long_solve_rewrites_its_basis_without_changing_the_steps():
+def test_broyden_long_solve_rewrites_its_basis_without_changing_the_steps(products):
     """With memory 3 the storage holds 11 vectors, so 60 iterations rewrite the basis several times
     (as the terms of H, the newest residual and H g): the iterates stay those of the dense textbook
     method."""
@@ -120,7 +129,7 @@ def test_broyden_long_solve_rewrites_its_basis_without_changing_the_steps():
 
 
 @pytest.mark.parametrize("memory", [4, 27])
-def test_broyden_in_float32_follows_the_textbook_method(memory):
+def test_broyden_in_float32_follows_the_textbook_method(memory, products):
     """In float32, 30 iterations on a 200-dimensional problem stay as close to the dense float64
     textbook method as the dense method itself run in float32 (within 10×, about 1e-7 here):
     working through the Gram matrix of the stored residuals loses no accuracy, with or without
