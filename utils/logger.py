@@ -131,25 +131,30 @@ class Logger:
 
     def plot(self, path_png):
         """Save loss, accuracy and (when logged) residual curves against epoch as a PNG, atomically."""
-        # A bare Figure renders with Agg and never touches pyplot's global state or a display.
-        residuals = {name: values for name, values in self.numbers.items()
-                     if 'res.' in name.lower() and any(v > 0 and math.isfinite(v) for v in values)}
-        fig = Figure(figsize=(15 if residuals else 10, 4))
-        axes = fig.subplots(1, 3 if residuals else 2)
-        panels = [(axes[0], 'loss', 'loss'), (axes[1], 'acc', 'accuracy (%)')]
-        if residuals:
-            panels.append((axes[2], 'res.', 'relative residual'))
-            axes[2].set_yscale('log')
-        for ax, key, ylabel in panels:
-            for name, values in self.numbers.items():
-                if key in name.lower() and (key != 'res.' or name in residuals):
-                    ax.plot(range(1, len(values) + 1), values, label=name)
-            ax.set_xlabel('epoch')
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
-            if ax.lines:
-                ax.legend()
-        if self.title:
-            fig.suptitle(self.title)
-        fig.tight_layout()
-        atomic_write(path_png, lambda f: fig.savefig(f, format='png'))
+        plot_curves(self.numbers, self.title, path_png)
+
+
+def plot_curves(numbers, title, path_png):
+    """Plot a log's columns ({name: values per epoch}) against epoch: loss, accuracy, residuals (log scale)."""
+    # A bare Figure renders with Agg and never touches pyplot's global state or a display.
+    residuals = {name: values for name, values in numbers.items()
+                 if 'res.' in name.lower() and any(v > 0 and math.isfinite(v) for v in values)}
+    fig = Figure(figsize=(15 if residuals else 10, 4))
+    axes = fig.subplots(1, 3 if residuals else 2)
+    panels = [(axes[0], 'loss', 'loss'), (axes[1], 'acc', 'accuracy (%)')]
+    if residuals:
+        panels.append((axes[2], 'res.', 'relative residual'))
+        axes[2].set_yscale('log')
+    for ax, key, ylabel in panels:
+        for name, values in numbers.items():
+            if key in name.lower() and (key != 'res.' or name in residuals):
+                ax.plot(range(1, len(values) + 1), values, label=name)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path_png, lambda f: fig.savefig(f, format='png'))
