@@ -152,7 +152,8 @@ def read_log(folder, columns):
     if logger.names != columns[:len(logger.names)] or len(logger.names) < len(BASE_COLUMNS):
         raise RunError(f'{path} does not start with the header line of this project\'s log '
                        f'({", ".join(columns[:3])}, ...): move it aside or continue with -c in another folder')
-    return logger.rows()
+    # A log of an earlier version lacks the later columns: nan there, as saved_log pads a checkpoint's rows.
+    return [row + [math.nan] * (len(columns) - len(row)) for row in logger.rows()]
 
 
 def check_folder(folder, resume, ckpt, columns, rewind=False):

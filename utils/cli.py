@@ -7,13 +7,16 @@ import sys
 
 import torch
 
-from modules import ARCHITECTURES, NETS, SOLVERS, is_leaky, settings
+from modules import ARCHITECTURES, GRADIENTS, METHODS, NETS, SOLVERS, SURROGATES, adjoint_solve, is_leaky, settings
 
 OPTIMIZERS = ('SGD', 'Adam')
 # Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
 LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch', 'deterministic',
                'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
+# The gradient's options besides the paper's solver settings (build_model's defaults).
+GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
+                         solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
                     gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
@@ -63,9 +66,19 @@ PROBABILITY = _number(float, 'a number in [0, 1)', _finite(lambda v: 0 <= v < 1)
 ANY_FLOAT = _number(float, 'a number', math.isfinite)
 
 
-def TOLERANCE(text):
-    """A --tol value: a number > 0, or none for the paper's stopping rule."""
-    return None if text.strip().lower() == 'none' else POSITIVE(text)
+DAMPING = _number(float, 'a number in (0, 1]', _finite(lambda v: 0 < v <= 1))
+
+
+def _or_none(kind):
+    """An argparse type: kind(text), or None for the word none."""
+    def convert(text):
+        return None if text.strip().lower() == 'none' else kind(text)
+    return convert
+
+
+TOLERANCE = _or_none(POSITIVE)
+OPTIONAL_POSITIVE = _or_none(POSITIVE)
+OPTIONAL_POSITIVE_INT = _or_none(POSITIVE_INT)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,7 +91,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(arch, description=None, suppress=False):
     """The training script's parser for network arch; suppress=True leaves out every default (to see what was typed)."""
     net = NETS[arch]
-    values = {**settings.defaults(arch), **RUN_DEFAULTS,
+    values = {**settings.defaults(arch), **GRADIENT_DEFAULTS, **RUN_DEFAULTS,
               'checkpoint': os.path.join('checkpoints', os.path.splitext(net.script)[0])}
 
     def default(key):
@@ -121,6 +134,31 @@ def _gradient_flags(parser, default, net):
     group.add_argument('--tol', type=TOLERANCE, default=default('tol'),
                        help='stop the solver once the residual fell by this factor; none: the paper\'s rule, '
                             'run all iterations (default: none)')
+    group.add_argument('--solver-memory', type=OPTIONAL_POSITIVE_INT, default=default('solver_memory'),
+                       metavar='M', help='terms kept by broyden (default 27) or anderson (default 5); none: the '
+                                         'solver\'s default (default: none)')
+    group.add_argument('--grad', default=default('grad'), choices=sorted(GRADIENTS),
+                       help='ide: the exact implicit gradient (adjoint solve); jfb: Jacobian-free, y = dL/da; '
+                            'phantom: --phantom-k damped steps of the adjoint iteration')
+    group.add_argument('--phantom-k', type=POSITIVE_INT, default=default('phantom_k'), help='phantom: steps K')
+    group.add_argument('--phantom-tau', type=DAMPING, default=default('phantom_tau'),
+                       help='phantom: damping tau in (0, 1]')
+    group.add_argument('--forward-residual', action=argparse.BooleanOptionalAction,
+                       default=default('forward_residual'),
+                       help='measure |f(a) - a| / |a| of the simulated rate at every training step (one more '
+                            'application of f without autograd)')
+    group.add_argument('--solver-log', metavar='FILE', default=default('solver_log'),
+                       help='append every training step\'s solver statistics to this CSV file')
+    group.add_argument('--method', default=default('method'), choices=METHODS,
+                       help='ide: implicit differentiation on the equilibrium; bptt: backpropagation through '
+                            'the T steps with a surrogate spike derivative')
+    group.add_argument('--surrogate', default=default('surrogate'), choices=sorted(SURROGATES),
+                       help='bptt: the surrogate of the spike\'s derivative')
+    group.add_argument('--surrogate-alpha', type=OPTIONAL_POSITIVE, default=default('surrogate_alpha'),
+                       help='bptt: the surrogate\'s width parameter; none: its default (sigmoid 4, atan 2, '
+                            'rect 1) (default: none)')
+    group.add_argument('--detach-reset', action=argparse.BooleanOptionalAction, default=default('detach_reset'),
+                       help='bptt: cut the gradient of the reset term')
 
 
 def _optimisation_flags(parser, default, net):
@@ -193,6 +231,14 @@ def check_args(parser, args, arch):
         parser.error(f'--start-epoch: expected an epoch below --epochs ({args.epochs}), got {args.start_epoch}')
     if args.sweep_T and not args.evaluate:
         parser.error('--sweep-T: needs -e --resume FILE, the checkpoint to measure')
+    if args.sweep_T:
+        # One set of T, one file name and a curve drawn left to right, however they were typed (as get_rate.py).
+        args.sweep_T = sorted(set(args.sweep_T))
+    try:
+        adjoint_solve(args.grad, args.solver, args.threshold, args.tol, args.solver_memory, args.phantom_k,
+                      args.phantom_tau)
+    except ValueError as exc:
+        parser.error(f'--grad/--solver: {exc}')
     if args.rewind and not args.resume:
         parser.error('--rewind: needs --resume FILE, the earlier checkpoint to continue from')
     if args.train_batch < 2 and not args.evaluate and ARCHITECTURES[arch].kind == 'fc':

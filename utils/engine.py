@@ -155,6 +155,8 @@ class EpochMeters:
         self.top5.update(acc5.item(), n)
         for column, key in DIAGNOSTICS.items():
             value = None if stats is None else stats.get(key)
+            if key == 'capped' and stats is not None and 'stop' in stats:
+                value = float(stats['stop'] == 'cap')  # the fraction of solves that hit the iteration cap
             if value is not None and math.isfinite(float(value)):
                 self.diagnostics[column].update(float(value))
 

@@ -158,3 +158,33 @@ def plot_curves(numbers, title, path_png):
         fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path_png, lambda f: fig.savefig(f, format='png'))
+
+
+class StepLog:
+    """A CSV file with one row of solver statistics per training step, appended to (never truncated)."""
+
+    FIELDS = ('epoch', 'iteration', 'nstep', 'stop', 'rel_residual', 'forward_residual', 'contraction', 'syncs')
+
+    def __init__(self, path):
+        """Open path for appending (writing the header if it is new); OSError if it cannot be written."""
+        self.path = os.fspath(path)
+        self.file = open(self.path, 'a', encoding='utf-8')
+        if self.file.tell() == 0:
+            self.file.write(','.join(self.FIELDS) + '\n')
+        self.epoch = 0
+
+    def __call__(self, iteration, stats):
+        """Append the row of one step (stats: the model's solver_stats, or None for a step without a solve)."""
+        stats = stats or {}
+        values = {'epoch': self.epoch, 'iteration': iteration, **stats}
+        self.file.write(','.join(str(values.get(field, '')) for field in self.FIELDS) + '\n')
+
+    def flush(self):
+        """Make the rows written so far durable."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        """Flush and close the file."""
+        self.flush()
+        self.file.close()

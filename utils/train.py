@@ -28,6 +28,7 @@ from utils.data import DataError, build_loaders, get_datasets
 from utils.engine import (DIAGNOSTICS, FaultGuard, RunError, TooManyFaults, evaluate, get_lr, make_optimizer,
                           native_bf16, train_epoch)
 from utils.io import CheckpointError, load_checkpoint, load_into_model
+from utils.logger import StepLog
 
 __all__ = ['run', 'main', 'train_epoch', 'get_lr', 'FaultGuard', 'StopRequest', 'TooManyFaults', 'RunError']
 
@@ -139,9 +140,10 @@ def main(arch, args, explicit, ctx, state):
         if ctx.is_main:
             remove_stale_temporaries(state.folder, say)
         # 5. The epochs.
+        step_log = open_step_log(stack, args.solver_log) if ctx.is_main and args.solver_log else None
         with StopRequest() as stop:
             return train_epochs(state, stop, start_epoch, iteration, best_acc,
-                                saved_log(ckpt, len(state.columns)))
+                                saved_log(ckpt, len(state.columns)), step_log)
 
 
 def evaluate_only(state, model, ckpt):
@@ -268,7 +270,10 @@ def load_data(args, ctx, device):
 def model_args_of(args, num_classes):
     """Everything build_model needs besides the architecture's name."""
     return dict(num_classes=num_classes, time_step=args.time_step, leaky=args.leaky, vth=args.vth,
-                dropout=args.drop, solver=args.solver, threshold=args.threshold, tol=args.tol)
+                dropout=args.drop, solver=args.solver, threshold=args.threshold, tol=args.tol,
+                solver_memory=args.solver_memory, grad=args.grad, phantom_k=args.phantom_k,
+                phantom_tau=args.phantom_tau, forward_residual=args.forward_residual, method=args.method,
+                surrogate=args.surrogate, surrogate_alpha=args.surrogate_alpha, detach_reset=args.detach_reset)
 
 
 def build(arch, model_args, ckpt, say):
@@ -304,7 +309,17 @@ def resume_position(state, ckpt, batches):
     return position
 
 
-def train_epochs(state, stop, start_epoch, iteration, best_acc, history):
+def open_step_log(stack, path):
+    """The --solver-log CSV, closed when the run ends."""
+    try:
+        step_log = StepLog(path)
+    except OSError as exc:
+        raise RunError(f'--solver-log: cannot write {path}: {exc.strerror or exc}') from exc
+    stack.callback(step_log.close)
+    return step_log
+
+
+def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_log=None):
     """Train, evaluate, checkpoint and log each remaining epoch; history holds the earlier epochs' log rows."""
     args, ctx, say = state.args, state.ctx, state.say
     faults, logger, test_top1 = FaultGuard(), None, None
@@ -313,9 +328,12 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history):
             raise Interrupted(stop.signum or signal.SIGTERM)
         started = time.monotonic()
         set_data_epoch(state.train_loader, state.train_sampler, args.manualSeed, epoch)
+        if step_log is not None:
+            step_log.epoch = epoch + 1
         stats = train_epoch(state.model, state.train_loader, state.criterion, state.optimizer, state.device,
                             lr_at=functools.partial(get_lr, args, epoch), iteration=iteration, ctx=ctx,
-                            amp=args.amp, stop=stop, faults=faults, title=f'Epoch {epoch + 1}/{args.epochs}')
+                            amp=args.amp, stop=stop, faults=faults, title=f'Epoch {epoch + 1}/{args.epochs}',
+                            step_log=step_log)
         if stats['stopped']:
             raise Interrupted(stop.signum or signal.SIGTERM)
         iteration = stats['iteration']
@@ -328,6 +346,8 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history):
                                     epoch=epoch + 1, iteration=iteration, acc=test_top1, best_acc=best_acc,
                                     history=history)
         state.last_checkpoint = save_state(checkpoint, is_best, state.folder, ctx, state.device)
+        if step_log is not None:
+            step_log.flush()
         if ctx.is_main:
             # Opened after the first epoch's save, so that a run stopped before it leaves no log behind.
             logger = logger or open_log(state.folder, f'{NETS[state.arch].script} {state.arch}', state.columns)

@@ -1,0 +1,366 @@
+"""The run policy of the training scripts: which flags a resumed run uses, who owns a folder, what resumes where.
+
+Each test runs a script for real (in this process, or as a process where
+another run must live beside it or a signal must arrive) on the tiny
+Fashion-MNIST of tests/test_faults.py, and checks what the run printed and
+what it left on disk.
+"""
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+
+import pytest
+import torch
+
+from tests.fakedata import make_mnist
+from tests.test_faults import (BEST, CKPT, LOG, TINY, copy_run, data_root, digest, fails, finish,  # noqa: F401
+                               launch, log_rows, released, run_main, trained, wait_for)
+from utils import cli, engine, train
+from utils.checkpoint import BASE_COLUMNS
+from utils.io import load_checkpoint
+from utils.logger import as_written
+
+LOCK = '.lock'
+
+
+def spy(monkeypatch, name):
+    """Wrap utils.train.<name> (train_epoch or evaluate) to record the amp flag of each call; return the list."""
+    real, seen = getattr(train, name), []
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs.get('amp'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, recorded)
+    return seen
+
+
+def hyperparameters(path):
+    """{lr, momentum, weight_decay} of the first parameter group of a checkpoint's optimizer state."""
+    group = load_checkpoint(path)['optimizer']['param_groups'][0]
+    return {key: group[key] for key in ('lr', 'momentum', 'weight_decay')}
+
+
+# ---------------------------------------------------------------- flags on resume
+
+def test_typed_optimizer_flags_win_on_resume_and_are_announced(trained, tmp_path, capsys):
+    """--lr/--momentum/--wd typed with --resume drive the optimizer that trains (not the saved param_groups),
+    are recorded in the new checkpoint's flags, and one line names each saved value replaced."""
+    folder = copy_run(trained, tmp_path / 'run')
+    assert hyperparameters(folder / CKPT) == {'lr': 0.05, 'momentum': 0.9, 'weight_decay': 5e-4}
+    capsys.readouterr()
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2',
+                             '--wd', '1e-4', '--momentum', '0.5', '--lr', '0.01'])
+    out = capsys.readouterr().out
+    overridden = [line for line in out.splitlines() if line.startswith('Typed flags override')]
+    assert overridden == ["Typed flags override the checkpoint's: --epochs 1 -> 2, --lr 0.05 -> 0.01, "
+                          "--momentum 0.9 -> 0.5, "
+                          "--weight-decay 0.0005 -> 0.0001"]
+    ckpt = load_checkpoint(folder / CKPT)
+    assert ckpt['epoch'] == 2
+    assert hyperparameters(folder / CKPT) == {'lr': 0.01, 'momentum': 0.5, 'weight_decay': 1e-4}
+    assert (ckpt['args']['lr'], ckpt['args']['momentum'], ckpt['args']['weight_decay']) == (0.01, 0.5, 1e-4)
+
+
+def test_typed_optimizer_flags_win_over_a_release_checkpoint(released, data_root, tmp_path):
+    """The paper's release file carries SGD(momentum 0.9, wd 5e-4): its momentum buffers are used, the typed
+    hyperparameters too."""
+    assert torch.load(released, map_location='cpu', weights_only=True)['optimizer']['param_groups'][0][
+        'weight_decay'] == 5e-4
+    folder = tmp_path / 'run'
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--resume', released, '-c', folder, '--epochs', '2',
+                                    '--wd', '1e-4', '--momentum', '0.5'])
+    assert hyperparameters(folder / CKPT) == {'lr': 0.05, 'momentum': 0.5, 'weight_decay': 1e-4}
+    assert load_checkpoint(folder / CKPT)['args']['weight_decay'] == 1e-4
+
+
+def test_no_amp_switches_off_an_inherited_amp(data_root, tmp_path, monkeypatch):
+    """A run trained with --amp, resumed or evaluated with --no-amp, trains and evaluates in float32."""
+    monkeypatch.setattr(train, 'native_bf16', lambda: True)  # the same on every CPU
+    folder = tmp_path / 'run'
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', folder, '--amp'])
+    assert load_checkpoint(folder / CKPT)['args']['amp'] is True
+
+    trained_with_amp = tmp_path / 'amp.pth.tar'
+    shutil.copy(folder / CKPT, trained_with_amp)
+
+    epochs, evaluations = spy(monkeypatch, 'train_epoch'), spy(monkeypatch, 'evaluate')
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2', '--no-amp'])
+    assert load_checkpoint(folder / CKPT)['args']['amp'] is False
+    assert epochs == [False] and evaluations == [False]
+    run_main('fashion_mlp', ['-e', '--resume', trained_with_amp, '--no-amp'])
+    assert evaluations[-1] is False
+    # Without the flag, the checkpoint's --amp holds.
+    run_main('fashion_mlp', ['-e', '--resume', trained_with_amp])
+    assert evaluations[-1] is True
+
+
+def test_tol_none_switches_off_an_inherited_tolerance(data_root, tmp_path, capsys):
+    """A run trained with --tol 1e-3, resumed with --tol none, uses the paper's rule (tol None recorded)."""
+    folder = tmp_path / 'run'
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', folder, '--tol', '1e-3'])
+    ckpt = load_checkpoint(folder / CKPT)
+    assert ckpt['args']['tol'] == 1e-3 and ckpt['model_args']['tol'] == 1e-3
+    capsys.readouterr()
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2', '--tol', 'none'])
+    assert '--tol 0.001 -> None' in capsys.readouterr().out
+    ckpt = load_checkpoint(folder / CKPT)
+    assert ckpt['epoch'] == 2 and ckpt['args']['tol'] is None and ckpt['model_args']['tol'] is None
+
+
+# ---------------------------------------------------------------- devices
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """set(n): pretend n CUDA GPUs are visible (without initialising CUDA); no outer mask, no torchrun."""
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+
+    def set_count(n):
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: n > 0)
+
+    return set_count
+
+
+def test_two_gpu_ids_without_torchrun_point_to_torchrun(gpus, monkeypatch):
+    """--gpu-id 0,1 in one process: one warning line naming torchrun; the mask keeps both GPUs, in order of
+    an outer CUDA_VISIBLE_DEVICES."""
+    gpus(2)
+    parser = cli.build_parser('fashion_mlp')
+    assert cli.select_gpus(parser, '0,1') == [
+        'warning: --gpu-id 0,1: one process trains on one GPU, the first of them; '
+        'launch torchrun --nproc_per_node=2 to train on all 2']
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '0,1'
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,7')
+    assert cli.select_gpus(parser, '1') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7'
+    # Under torchrun each process is given its GPUs this way: nothing to warn about.
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,7')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert cli.select_gpus(parser, '1,0') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7,5'
+
+
+def test_gpu_id_without_a_gpu_runs_on_the_cpu_and_says_so(gpus, data_root, tmp_path, capsys):
+    """--gpu-id 3 where no GPU is: one warning line saying the run is on the CPU, and it trains there."""
+    gpus(0)
+    assert cli.select_gpus(cli.build_parser('fashion_mlp'), '3') == [
+        'warning: --gpu-id 3: no CUDA GPU is available here; running on the CPU']
+    assert 'CUDA_VISIBLE_DEVICES' not in os.environ
+    capsys.readouterr()
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', tmp_path / 'run', '--gpu-id', '3'])
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == ['warning: --gpu-id 3: no CUDA GPU is available here; running on the CPU']
+    assert 'Device: cpu' in out and load_checkpoint(tmp_path / 'run' / CKPT)['epoch'] == 1
+
+
+def test_amp_without_native_bf16_runs_in_float32(data_root, tmp_path, monkeypatch, capsys):
+    """--amp on a CPU that only emulates bfloat16: one warning line, the run trains in float32, amp False kept."""
+    monkeypatch.setattr(train, 'native_bf16', lambda: False)
+    epochs = spy(monkeypatch, 'train_epoch')
+    capsys.readouterr()
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', tmp_path / 'run', '--amp'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('warning: --amp: this CPU has no native bfloat16 arithmetic')
+    assert lines[0].endswith('running in float32')
+    assert epochs == [False] and load_checkpoint(tmp_path / 'run' / CKPT)['args']['amp'] is False
+
+
+@pytest.mark.parametrize('flags, native', [
+    ('fpu sse2 avx2 avx512f avx512bw', False), ('fpu avx512f avx512_bf16 avx512_vnni', True),
+    ('fpu amx_tile amx_bf16 amx_int8', True), ('fpu avx512_bf16x xamx_bf16', False), ('', False),
+])
+def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch, tmp_path):
+    """native_bf16 looks for the avx512_bf16 or amx_bf16 flag, whole words, in /proc/cpuinfo."""
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
+    real_open = open
+    # A name in utils.engine shadows the builtin there alone; the cache is bypassed through __wrapped__.
+    monkeypatch.setattr(engine, 'open', lambda path, *a, **k: real_open(
+        cpuinfo if path == '/proc/cpuinfo' else path, *a, **k), raising=False)
+    assert engine.native_bf16.__wrapped__() is native
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_is_not(data_root, tmp_path, capsys):
+    """While run A trains in R, a second run there exits 1 in one line naming A's PID and writes nothing.
+    A killed outright leaves R/.lock behind, which blocks no one; two resumes of one checkpoint at once:
+    the second is refused, the first finishes."""
+    folder, marks = tmp_path / 'R', tmp_path / 'marks'
+    marks.mkdir()
+    first = launch('fashion_mlp', TINY + ['--path', data_root, '--epochs', '2', '-c', folder],
+                   {'hold_batch': 1}, marks)
+    wait_for(marks / 'held', first)
+    assert (folder / LOCK).read_text().strip() == str(first.pid)
+    in_use = (f'fashion_mlp.py: error: {folder} is in use by another run (PID {first.pid}); wait for it to end, '
+              f'or choose another folder with -c')
+    code, line = fails('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', folder,
+                                              '--manualSeed', '1', '--lr', '0.01'], capsys)
+    assert (code, line) == (1, in_use)
+    assert os.listdir(folder) == [LOCK] and (folder / LOCK).read_text().strip() == str(first.pid)
+
+    first.send_signal(signal.SIGKILL)
+    assert finish(first)[0] == -signal.SIGKILL
+    assert os.listdir(folder) == [LOCK]  # stale: no process holds it
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', folder])
+    assert load_checkpoint(folder / CKPT)['epoch'] == 1 and not (folder / LOCK).exists()
+
+    (marks / 'held').unlink()
+    resumed = launch('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'], {'hold_batch': 1}, marks)
+    wait_for(marks / 'held', resumed)
+    before = digest(folder)
+    code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '3'], capsys)
+    assert (code, line) == (1, in_use.replace(str(first.pid), str(resumed.pid)))
+    assert digest(folder) == before
+    (marks / 'release').touch()
+    code, _, err = finish(resumed)
+    assert code == 0, err
+    assert load_checkpoint(folder / CKPT)['epoch'] == 2 and len(log_rows(folder)) == 2
+    assert not (folder / LOCK).exists()
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused_in_that_folder(trained, data_root, tmp_path, capsys):
+    """A's checkpoint copied into B's folder and resumed there: exit 1, one line (histories differ, use -c);
+    B's files unchanged."""
+    a = copy_run(trained, tmp_path / 'A')
+    b = tmp_path / 'B'
+    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', b, '--manualSeed', '1'])
+    shutil.copy(a / CKPT, b / 'friend.pth.tar')
+    before = digest(b)
+    code, line = fails('fashion_mlp', ['--resume', b / 'friend.pth.tar', '--epochs', '2'], capsys)
+    assert code == 1
+    assert line == (f'fashion_mlp.py: error: {b / "friend.pth.tar"} is not the run logged in {b} (their epochs '
+                    f'differ): it was copied from another run; continue it in a folder of its own with -c')
+    assert digest(b) == before
+
+
+def test_an_earlier_checkpoint_resumes_in_its_folder_only_with_rewind(trained, tmp_path, capsys):
+    """model_best of epoch 1 in a folder whose run went on to epoch 3: refused without --rewind (one line);
+    with it the log is the true history (epoch 1, then the new epoch 2) and epochs 2-3 are kept aside."""
+    folder = copy_run(trained, tmp_path / 'run')
+    first_row = log_rows(folder)
+    epoch_one = (folder / CKPT).read_bytes()
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '3'])
+    (folder / BEST).write_bytes(epoch_one)  # the best of the run was its first epoch
+    abandoned_log, abandoned_ckpt = (folder / LOG).read_bytes(), (folder / CKPT).read_bytes()
+    before = digest(folder)
+
+    code, line = fails('fashion_mlp', ['--resume', folder / BEST, '--epochs', '3'], capsys)
+    assert code == 1 and '--rewind' in line and 'epoch 1' in line and 'epoch 3' in line
+    assert digest(folder) == before
+
+    capsys.readouterr()
+    run_main('fashion_mlp', ['--resume', folder / BEST, '--epochs', '2', '--rewind'])
+    out = capsys.readouterr().out
+    assert [text for text in out.splitlines() if text.startswith('Rewound')] == [
+        'Rewound to epoch 1: epochs 2-3 are kept aside in log.abandoned-epoch3.txt, '
+        'checkpoint.abandoned-epoch3.pth.tar']
+    assert (folder / 'log.abandoned-epoch3.txt').read_bytes() == abandoned_log
+    assert (folder / 'checkpoint.abandoned-epoch3.pth.tar').read_bytes() == abandoned_ckpt
+    rows, ckpt = log_rows(folder), load_checkpoint(folder / CKPT)
+    assert ckpt['epoch'] == 2 and len(rows) == 2 and rows[:1] == first_row
+    logged = [as_written([math.nan if v is None else v for v in row.values()]) for row in rows]
+    assert [as_written(row) for row in ckpt['log']] == logged
+
+
+def test_a_log_without_its_header_is_found_before_training(trained, tmp_path, monkeypatch, capsys):
+    """log.txt with its first line gone: --resume stops at once in one line; the checkpoint is not advanced."""
+    folder = copy_run(trained, tmp_path / 'run')
+    with open(folder / LOG, encoding='utf-8') as f:
+        lines = f.read().splitlines(keepends=True)
+    (folder / LOG).write_text(''.join(lines[1:]), encoding='utf-8')
+    before = digest(folder)
+    epochs = spy(monkeypatch, 'train_epoch')
+    code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'], capsys)
+    assert code == 1 and str(folder / LOG) in line and 'header' in line
+    assert epochs == [] and digest(folder) == before
+
+
+def test_a_log_of_the_six_paper_columns_gains_the_diagnostics(trained, tmp_path):
+    """A log (and checkpoint history) written before the diagnostic columns still resumes: the log gains the
+    new columns, nan in the old rows and values in the new one, and the plot is drawn."""
+    folder = copy_run(trained, tmp_path / 'run')
+    width = len(BASE_COLUMNS)
+    with open(folder / LOG, encoding='utf-8') as f:
+        old = ['\t'.join(line.rstrip('\t').split('\t')[:width]) + '\n' for line in f.read().splitlines()]
+    (folder / LOG).write_text(''.join(old), encoding='utf-8')
+    ckpt = torch.load(folder / CKPT, map_location='cpu', weights_only=True)
+    ckpt['log'] = [row[:width] for row in ckpt['log']]
+    torch.save(ckpt, folder / CKPT)
+    (folder / 'log.png').unlink()
+
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'])
+    with open(folder / LOG, encoding='utf-8') as f:
+        header = f.readline().rstrip('\n').split('\t')
+    assert header == BASE_COLUMNS + list(engine.DIAGNOSTICS)
+    first, second = log_rows(folder)
+    assert [first[name] for name in BASE_COLUMNS] == [float(v) for v in old[1].split('\t')]
+    assert all(first[name] is None for name in engine.DIAGNOSTICS)
+    assert all(second[name] is not None for name in BASE_COLUMNS)
+    assert second['Bwd Res.'] is not None and second['Bwd Iters'] == 3
+    assert (folder / 'log.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert load_checkpoint(folder / CKPT)['epoch'] == 2
+
+
+# ---------------------------------------------------------------- flags
+
+def test_train_batch_one_is_a_flag_error_for_the_fc_net_only(data_root, tmp_path, capsys):
+    """fashion_mlp normalises units over the batch: --train-batch 1 is a one-line flag error before any work;
+    the conv net (BN over batch and pixels) trains with it."""
+    code, line = fails('fashion_mlp', TINY + ['--path', data_root, '-c', tmp_path / 'fc', '--train-batch', '1'],
+                       capsys)
+    assert code == 2 and line.startswith('fashion_mlp.py: error: --train-batch: ') and 'at least 2' in line
+    assert not (tmp_path / 'fc').exists()
+    make_mnist(str(tmp_path / 'data'), n_train=4, n_test=4)
+    run_main('mnist_conv', TINY + ['--path', tmp_path / 'data', '-c', tmp_path / 'conv', '--train-batch', '1',
+                                   '--epochs', '1'])
+    ckpt = load_checkpoint(tmp_path / 'conv' / CKPT)
+    assert ckpt['iteration'] == 4 and log_rows(tmp_path / 'conv')[0]['Skipped'] == 0
+
+
+def test_the_resume_command_after_sigint_is_shell_quoted(data_root, tmp_path):
+    """After SIGINT, the printed command resumes the run's checkpoint even when its path holds spaces."""
+    folder, marks = tmp_path / 'my runs' / 'run 2', tmp_path / 'marks'
+    marks.mkdir()
+    proc = launch('fashion_mlp', TINY + ['--path', data_root, '--epochs', '2', '-c', folder], {'hold_batch': 3},
+                  marks)
+    wait_for(marks / 'held', proc)
+    proc.send_signal(signal.SIGINT)
+    (marks / 'release').touch()
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGINT, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('interrupted; resume with: ')
+    assert shlex.split(last[len('interrupted; resume with: '):]) == [
+        'python', 'fashion_mlp.py', '--resume', str(folder / CKPT)]
+
+
+def test_sweep_T_writes_one_accuracy_per_T_beside_the_checkpoint(trained, tmp_path, capsys):
+    """-e --resume CKPT --sweep-T 4 2: acc_checkpoint_sweepT2-4.{json,csv,png} beside it, one accuracy per T;
+    a second sweep is refused (one line) unless --overwrite; --sweep-T without -e is a flag error."""
+    folder = copy_run(trained, tmp_path / 'run')
+    run_main('fashion_mlp', ['-e', '--resume', folder / CKPT, '--sweep-T', '4', '2'])
+    prefix = folder / 'acc_checkpoint_sweepT2-4'
+    with open(f'{prefix}.json', encoding='utf-8') as f:
+        rows = json.load(f)['rows']
+    assert [row['time_step'] for row in rows] == [2, 4]
+    assert rows[0]['acc'] == pytest.approx(load_checkpoint(folder / CKPT)['acc'], abs=1e-9)  # trained at T=2
+    with open(f'{prefix}.csv', encoding='utf-8') as f:
+        assert len(f.read().splitlines()) == 1 + 2
+    assert open(f'{prefix}.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+    before, inode = digest(folder), os.stat(f'{prefix}.json').st_ino
+    code, line = fails('fashion_mlp', ['-e', '--resume', folder / CKPT, '--sweep-T', '2', '4'], capsys)
+    assert code == 1 and line == f'fashion_mlp.py: error: {prefix}.json exists; pass --overwrite to replace it'
+    assert digest(folder) == before
+    run_main('fashion_mlp', ['-e', '--resume', folder / CKPT, '--sweep-T', '2', '4', '--overwrite'])
+    assert os.stat(f'{prefix}.json').st_ino != inode  # written anew
+
+    code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--sweep-T', '2'], capsys)
+    assert (code, line) == (2, 'fashion_mlp.py: error: --sweep-T: needs -e --resume FILE, the checkpoint to measure')
+    # Typed in any order, with repeats: one set of T (as get_rate.py takes it).
+    args, _, _ = cli.parse_args('fashion_mlp', ['-e', '--resume', 'x', '--sweep-T', '4', '2', '4'])
+    assert args.sweep_T == [2, 4]
