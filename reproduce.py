@@ -169,6 +169,7 @@ class Job:
     nproc: int = None       # torchrun processes per run (None: plain python)
     epochs: int = 0         # epochs the run trains in all
     done: int = 0           # epochs its checkpoint holds
+    attempts: int = 0       # processes started for it by this invocation
 
     @property
     def name(self):
@@ -421,6 +422,7 @@ class Progress:
     def __init__(self, jobs, slots):
         """Start from the epoch times already in the runs' output files."""
         self.slots = slots
+        self.runs = len(jobs)
         self.times = {}
         for job in jobs:
             for _, _, _, secs in parse_epoch_lines(read_text(os.path.join(job.folder, OUTPUT_NAME))):
@@ -450,12 +452,52 @@ class Progress:
                 total += left * per_epoch
         return total / len(self.slots)
 
+    def epoch_lines(self, job, text, pending, ended):
+        """Record the epochs in text, new output of job; one progress line each.
 
-# ---------------------------------------------------------------- scheduler
+        pending: the jobs not ended yet (job among them), for the overall estimate; ended: how many have.
+        """
+        lines = []
+        for epoch, total, best, secs in parse_epoch_lines(text):
+            job.done = epoch
+            self.add(job.row.id, secs)
+            left = self.epoch_s(job.row.id) * (total - epoch)
+            lines.append(f'{job.name}: epoch {epoch}/{total}  best {best:.2f}  {secs:.1f}s/epoch  ETA {duration(left)}'
+                         f'  | all: {ended}/{self.runs} runs ended, ETA {duration(self.eta(pending))}')
+        return lines
+
+
+# ---------------------------------------------------------------- one run: what it calls for, its process
+
+def folder_action(state):
+    """What a run folder in state (see folder_state) calls for: 'skip', 'refuse' (unreadable), 'resume' or 'start'."""
+    return {'finished': 'skip', 'unreadable': 'refuse', 'interrupted': 'resume'}.get(state, 'start')
+
+
+def run_outcome(state, stopping, attempt, retries):
+    """What a run that exited calls for: 'finished', 'stopped' (a stop was asked), 'retry' or 'failed'."""
+    if state == 'finished':
+        return 'finished'
+    if stopping:
+        return 'stopped'
+    return 'retry' if attempt <= retries else 'failed'
+
+
+def saved_text(state, detail):
+    """What a run's folder holds now, in words."""
+    if state == 'interrupted':
+        return f'{detail[0]}/{detail[1]} epochs saved'
+    return 'no epoch saved'
+
+
+def slot_text(slot):
+    """'cpu' or 'CUDA_VISIBLE_DEVICES=0,1': where a run on slot computes."""
+    return 'cpu' if slot is None else 'CUDA_VISIBLE_DEVICES=' + ','.join(slot)
+
 
 @dataclasses.dataclass
 class Active:
-    """A started run: its process, output file and where its new output starts."""
+    """A started run: its process, output file and where its unread output starts."""
     job: Job
     proc: subprocess.Popen
     slot: object
@@ -465,53 +507,128 @@ class Active:
     offset: int
     partial: str = ''
 
+    def new_text(self):
+        """The complete lines the run has written to its output since the last look."""
+        with open(os.path.join(self.job.folder, OUTPUT_NAME), 'rb') as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        lines = (self.partial + data.decode('utf-8', 'replace')).split('\n')
+        self.partial = lines.pop()
+        return '\n'.join(lines)
+
+    def exit_usage(self):
+        """The process's resource usage once it has exited (setting proc.returncode), else None."""
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return usage
+
+    def kill(self, signum):
+        """Send signum to the run's process group (SIGTERM: the scripts stop after their batch)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+
+def launch(job, slot, resume, attempt):
+    """Start job's process on slot, its output appended to the run's output.txt after a header line."""
+    argv = job.argv(resume=resume)
+    output = open(os.path.join(job.folder, OUTPUT_NAME), 'ab')
+    stamp = datetime.datetime.now().isoformat(timespec='seconds')
+    output.write(f'==== reproduce.py {stamp} ({slot_text(slot)}): {show(argv)}\n'.encode())
+    output.flush()
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if slot is not None:
+        env['CUDA_VISIBLE_DEVICES'] = ','.join(slot)
+    # A session of its own: a Ctrl-C at the terminal reaches this scheduler only, which then
+    # stops each run once, so that it saves nothing half-done.
+    proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    return Active(job, proc, slot, attempt, time.monotonic(), output, output.tell())
+
+
+def start_run(job, state, detail, slot, say):
+    """Start job on slot from its folder's state (see folder_state), saying how; its Active."""
+    os.makedirs(job.folder, exist_ok=True)
+    if state == 'leftovers':
+        target = move_leftovers(job.folder, detail)
+        say(f'{job.name}: no checkpoint, so the run never finished an epoch; moved {", ".join(detail)} '
+            f'into {target} and starting afresh')
+    write_json(os.path.join(job.folder, COMMAND_NAME), job.record())
+    resume = folder_action(state) == 'resume'
+    active = launch(job, slot, resume, job.attempts)
+    how = f'resuming at epoch {detail[0] + 1}' if resume else 'starting'
+    say(f'{job.name}: {how} ({slot_text(slot)}): {show(active.proc.args)}')
+    job.done = detail[0] if resume else 0
+    return active
+
+
+def record_usage(active, usage):
+    """Append this attempt's exit status, wall time and peak resident memory to the run's usage.json."""
+    path = os.path.join(active.job.folder, USAGE_NAME)
+    record = read_json(path) or []
+    record.append({'attempt': active.attempt, 'exit': active.proc.returncode,
+                   'wall_s': round(time.monotonic() - active.started, 3),
+                   # Linux reports ru_maxrss in KiB: the largest process of the run (torchrun's workers included).
+                   'max_rss_mb': round(usage.ru_maxrss / 1024, 1),
+                   'devices': 'cpu' if active.slot is None else ','.join(active.slot)})
+    write_json(path, record)
+
+
+def failure_lines(job, why):
+    """What to say of a failed run: why, then the tail of its output."""
+    path = os.path.join(job.folder, OUTPUT_NAME)
+    tail = read_text(path).rstrip('\n').split('\n')[-TAIL_LINES:]
+    return [f'{job.name}: FAILED: {why}; the end of {path}:'] + [f'    {line}' for line in tail]
+
+
+def stop_runs(actives, signum, say):
+    """Send signum to every running run (SIGTERM: the scripts stop after their batch)."""
+    if signum == signal.SIGTERM:
+        say(f'Stopping: asking {len(actives)} running run(s) to stop after their current batch '
+            f'(Ctrl-C again to kill them at once) ...')
+    for active in actives:
+        active.kill(signum)
+
+
+@contextlib.contextmanager
+def signals_recorded(received):
+    """In the block, SIGINT and SIGTERM are appended to received instead of stopping the program (main thread)."""
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    except ValueError:
+        pass  # not the main thread
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------- scheduler
 
 class Scheduler:
     """Runs jobs on device slots, one per slot at a time; skips, resumes, retries; stops cleanly on a signal."""
 
     def __init__(self, jobs, slots, retries, on_finish=None, say=print):
         """jobs: the runs to do; on_finish(job, ok) is called after every run that ended."""
-        self.queue = list(jobs)
-        self.jobs = list(jobs)
-        self.slots = slots
-        self.retries = retries
+        self.queue, self.slots, self.retries, self.say = list(jobs), slots, retries, say
         self.on_finish = on_finish or (lambda job, ok: None)
-        self.say = say
-        self.attempts = {}
-        self.active = []
+        self.active, self.signals = [], []  # signals: the SIGINT/SIGTERMs received, each a stop request
         self.finished, self.failed, self.skipped, self.stopped = [], [], [], []
-        self.signals = 0
         self.progress = Progress(jobs, slots)
 
-    # signals
-    def _handle(self, signum, frame):
-        """Count a SIGINT/SIGTERM; the loop acts on it."""
-        self.signals += 1
-
-    @contextlib.contextmanager
-    def signal_guard(self):
-        """SIGINT and SIGTERM count as stop requests while the scheduler runs."""
-        previous = {}
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:
-            pass  # not the main thread
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    # the loop
     def run(self):
         """Run every job; return True unless a run failed or a signal stopped them."""
-        with self.signal_guard():
+        with signals_recorded(self.signals):
             acted_on = 0
             while self.queue or self.active:
-                if self.signals > acted_on:
-                    acted_on = self.signals
-                    self.stop_children(signal.SIGTERM if acted_on == 1 else signal.SIGKILL)
+                if len(self.signals) > acted_on:
+                    acted_on = len(self.signals)
+                    stop_runs(self.active, signal.SIGTERM if acted_on == 1 else signal.SIGKILL, self.say)
                 free = [slot for slot in self.slots if all(a.slot is not slot for a in self.active)]
                 while free and self.queue and not self.signals:
                     self.start(self.queue.pop(0), free.pop(0))
@@ -523,126 +640,56 @@ class Scheduler:
                     break
         return not (self.failed or self.signals)
 
-    def stop_children(self, signum):
-        """Send signum to every running run's process group (SIGTERM: the scripts stop after their batch)."""
-        if signum == signal.SIGTERM:
-            self.say(f'Stopping: asking {len(self.active)} running run(s) to stop after their current batch '
-                     f'(Ctrl-C again to kill them at once) ...')
-        for active in self.active:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(active.proc.pid, signum)
-
     def start(self, job, slot):
         """Launch job on slot (fresh, resumed or after moving leftovers aside), unless it is already finished."""
         state, detail = folder_state(job.folder)
-        if state == 'finished':
-            job.done = detail[0]
+        action = folder_action(state)
+        if action == 'skip':
             self.say(f'{job.name}: finished ({detail[0]}/{detail[1]} epochs, best {detail[2]:.2f}); skipped')
             self.skipped.append(job)
-            return
-        if state == 'unreadable':
-            self.report_failure(job, f'its checkpoint {job.checkpoint} cannot be read ({detail}); move it '
-                                     f'aside to start the run again')
-            return
-        os.makedirs(job.folder, exist_ok=True)
-        if state == 'leftovers':
-            target = move_leftovers(job.folder, detail)
-            self.say(f'{job.name}: no checkpoint, so the run never finished an epoch; moved {", ".join(detail)} '
-                     f'into {target} and starting afresh')
-        write_json(os.path.join(job.folder, COMMAND_NAME), job.record())
-        argv = job.argv(resume=state == 'interrupted')
-        self.attempts[id(job)] = self.attempts.get(id(job), 0) + 1
-        output = open(os.path.join(job.folder, OUTPUT_NAME), 'ab')
-        stamp = datetime.datetime.now().isoformat(timespec='seconds')
-        devices = 'cpu' if slot is None else 'CUDA_VISIBLE_DEVICES=' + ','.join(slot)
-        output.write(f'==== reproduce.py {stamp} ({devices}): {show(argv)}\n'.encode())
-        output.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED='1')
-        if slot is not None:
-            env['CUDA_VISIBLE_DEVICES'] = ','.join(slot)
-        # A session of its own: a Ctrl-C at the terminal reaches this scheduler only, which then
-        # stops each run once, so that it saves nothing half-done.
-        proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-        how = f'resuming at epoch {detail[0] + 1}' if state == 'interrupted' else 'starting'
-        self.say(f'{job.name}: {how} ({devices}): {show(argv)}')
-        job.done = detail[0] if state == 'interrupted' else 0
-        self.active.append(Active(job, proc, slot, self.attempts[id(job)], time.monotonic(), output,
-                                  output.tell()))
+        elif action == 'refuse':
+            self.fail(job, f'its checkpoint {job.checkpoint} cannot be read ({detail}); move it aside to start '
+                           f'the run again')
+        else:
+            job.attempts += 1
+            self.active.append(start_run(job, state, detail, slot, self.say))
 
     def poll(self, active):
-        """Report the run's new epochs; handle its end."""
-        self.read_new_output(active)
-        pid, status, usage = os.wait4(active.proc.pid, os.WNOHANG)
-        if pid == 0:
-            return
-        active.proc.returncode = os.waitstatus_to_exitcode(status)
-        self.read_new_output(active)
-        active.output.close()
-        self.active.remove(active)
-        self.record_usage(active, usage)
-        self.ended(active)
-
-    def read_new_output(self, active):
-        """Parse the run's output written since the last look; one progress line per finished epoch."""
-        with open(os.path.join(active.job.folder, OUTPUT_NAME), 'rb') as f:
-            f.seek(active.offset)
-            data = f.read()
-        active.offset += len(data)
-        text = active.partial + data.decode('utf-8', 'replace')
-        lines = text.split('\n')
-        active.partial = lines.pop()
-        for epoch, total, best, secs in parse_epoch_lines('\n'.join(lines)):
-            job = active.job
-            job.done = epoch
-            self.progress.add(job.row.id, secs)
-            left = self.progress.epoch_s(job.row.id) * (total - epoch)
-            overall = self.progress.eta(self.queue + [a.job for a in self.active])
-            ended = len(self.finished) + len(self.failed) + len(self.skipped)
-            self.say(f'{job.name}: epoch {epoch}/{total}  best {best:.2f}  {secs:.1f}s/epoch  ETA {duration(left)}'
-                     f'  | all: {ended}/{len(self.jobs)} runs ended, ETA {duration(overall)}')
-
-    def record_usage(self, active, usage):
-        """Append this attempt's exit status, wall time and peak resident memory to the run's usage.json."""
-        path = os.path.join(active.job.folder, USAGE_NAME)
-        record = read_json(path) or []
-        record.append({'attempt': active.attempt, 'exit': active.proc.returncode,
-                       'wall_s': round(time.monotonic() - active.started, 3),
-                       # Linux reports ru_maxrss in KiB: the largest process of the run (torchrun's workers included).
-                       'max_rss_mb': round(usage.ru_maxrss / 1024, 1),
-                       'devices': 'cpu' if active.slot is None else ','.join(active.slot)})
-        write_json(path, record)
+        """Report the run's new epochs; once it has exited, record its usage and count it."""
+        # Looked at before the output, so that an exited run's output is read to its end.
+        usage = active.exit_usage()
+        ended = len(self.finished) + len(self.failed) + len(self.skipped)
+        pending = self.queue + [a.job for a in self.active]
+        for line in self.progress.epoch_lines(active.job, active.new_text(), pending, ended):
+            self.say(line)
+        if usage is not None:
+            active.output.close()
+            self.active.remove(active)
+            record_usage(active, usage)
+            self.ended(active)
 
     def ended(self, active):
         """Count a run that exited: finished, stopped by a signal, retried or failed."""
         job, code = active.job, active.proc.returncode
         state, detail = folder_state(job.folder)
-        if state == 'finished':
+        outcome = run_outcome(state, self.signals, active.attempt, self.retries)
+        if outcome == 'finished':
             self.say(f'{job.name}: finished, best {detail[2]:.2f}')
             self.finished.append(job)
             self.on_finish(job, True)
-        elif self.signals:
-            self.say(f'{job.name}: stopped ({self.saved_text(state, detail)})')
+        elif outcome == 'stopped':
+            self.say(f'{job.name}: stopped ({saved_text(state, detail)})')
             self.stopped.append(job)
-        elif self.attempts[id(job)] <= self.retries:
-            self.say(f'{job.name}: exited with code {code}; retrying ({self.saved_text(state, detail)})')
+        elif outcome == 'retry':
+            self.say(f'{job.name}: exited with code {code}; retrying ({saved_text(state, detail)})')
             self.queue.insert(0, job)
         else:
-            self.report_failure(job, f'exited with code {code} after {self.attempts[id(job)]} attempt(s)')
+            self.fail(job, f'exited with code {code} after {active.attempt} attempt(s)')
 
-    @staticmethod
-    def saved_text(state, detail):
-        """What the run's folder holds now, in words."""
-        if state == 'interrupted':
-            return f'{detail[0]}/{detail[1]} epochs saved'
-        return 'no epoch saved'
-
-    def report_failure(self, job, why):
-        """Say that a run failed, with the tail of its output."""
-        tail = read_text(os.path.join(job.folder, OUTPUT_NAME)).rstrip('\n').split('\n')[-TAIL_LINES:]
-        self.say(f'{job.name}: FAILED: {why}; the end of {os.path.join(job.folder, OUTPUT_NAME)}:')
-        for line in tail:
-            self.say(f'    {line}')
+    def fail(self, job, why):
+        """Count job as failed, saying why with the tail of its output."""
+        for line in failure_lines(job, why):
+            self.say(line)
         self.failed.append(job)
         self.on_finish(job, False)
 
@@ -887,14 +934,15 @@ def dry_run(jobs):
     """Print what each job would do."""
     for job in jobs:
         state, detail = folder_state(job.folder)
-        if state == 'finished':
+        action = folder_action(state)
+        if action == 'skip':
             print(f'# {job.name}: finished ({detail[0]}/{detail[1]} epochs); would be skipped')
-        elif state == 'unreadable':
+        elif action == 'refuse':
             print(f'# {job.name}: checkpoint unreadable ({detail}); would be reported as failed')
         else:
             if state == 'leftovers':
                 print(f'# {job.name}: would move {", ".join(detail)} aside first')
-            print(show(job.argv(resume=state == 'interrupted')))
+            print(show(job.argv(resume=action == 'resume')))
 
 
 def continue_hint(argv):

@@ -32,6 +32,7 @@ import torch
 
 from modules import build_model
 from tests import fakedata, nmnist_fakes
+from tests.conftest import cpu_bit_exact
 from tests.test_release_checkpoints import release_checkpoint, save_as_cuda
 from utils import distributed, train
 from utils.data import DataError
@@ -706,6 +707,7 @@ def test_release_checkpoint_resumes_training(released, data_root, tmp_path, caps
     assert digest(folder) == before
 
 
+@cpu_bit_exact
 def test_release_checkpoint_in_a_new_folder_is_repeatable(released, data_root, tmp_path, single_thread):
     """From a release file, -c new folders train the same for the same --manualSeed: the RNG starts from it."""
     results = []

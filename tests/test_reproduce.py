@@ -172,6 +172,15 @@ def job_for(tmp_path, row_id, seed, flags):
     return job
 
 
+def test_what_a_run_folder_and_an_exited_run_call_for():
+    states = ['new', 'leftovers', 'interrupted', 'finished', 'unreadable']
+    assert [reproduce.folder_action(s) for s in states] == ['start', 'start', 'resume', 'skip', 'refuse']
+    assert reproduce.run_outcome('finished', [signal.SIGINT], 9, 0) == 'finished'
+    assert reproduce.run_outcome('interrupted', [signal.SIGINT], 1, 1) == 'stopped'
+    assert reproduce.run_outcome('interrupted', [], 1, 1) == 'retry'
+    assert reproduce.run_outcome('new', [], 2, 1) == 'failed'
+
+
 def test_scheduler_skips_finished_resumes_interrupted_and_retries_failed(tmp_path):
     finished = job_for(tmp_path, 'mnist-conv-if-t30', 0, TINY + ['--epochs', '2'])
     fake_checkpoint(finished.folder, 2, 2, 91.0)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests import fakedata
+from tests.conftest import cpu_bit_exact
 from utils import checkpoint, train
 from utils.io import CheckpointError
 from utils.train import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
@@ -63,6 +64,7 @@ def assert_same_tensors(a, b):
     ('mnist_conv', ['--train-batch', '16', '--test-batch', '16']),
     ('cifar_alexnetf', ['--train-batch', '4', '--test-batch', '4', '--warmup', '3', '-j', '2']),
 ])
+@cpu_bit_exact
 def test_two_epochs_equal_one_plus_resume(script, flags, data_root, tmp_path):
     common = FAST + flags + ['--path', data_root]
     run_main(script, common + ['--epochs', '2', '-c', str(tmp_path / 'straight')])

@@ -115,7 +115,7 @@ def test_tol_none_switches_off_an_inherited_tolerance(data_root, tmp_path, capsy
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """set(n): pretend n CUDA GPUs are visible (without initialising CUDA); no outer mask, no torchrun."""
+    """gpus(n): pretend n CUDA GPUs are visible (without initialising CUDA); no outer mask, no torchrun."""
     monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
 
@@ -156,8 +156,9 @@ def test_gpu_id_without_a_gpu_runs_on_the_cpu_and_says_so(gpus, data_root, tmp_p
     assert 'Device: cpu' in out and load_checkpoint(tmp_path / 'run' / CKPT)['epoch'] == 1
 
 
-def test_amp_without_native_bf16_runs_in_float32(data_root, tmp_path, monkeypatch, capsys):
+def test_amp_without_native_bf16_runs_in_float32(gpus, data_root, tmp_path, monkeypatch, capsys):
     """--amp on a CPU that only emulates bfloat16: one warning line, the run trains in float32, amp False kept."""
+    gpus(0)
     monkeypatch.setattr(train, 'native_bf16', lambda: False)
     epochs = spy(monkeypatch, 'train_epoch')
     capsys.readouterr()

@@ -270,7 +270,7 @@ def optimizer_mismatch(optimizer, saved):
     return None
 
 
-def restore_foreign(ckpt, path, optimizer, batches, seed, ctx, say, args=None):
+def restore_foreign(ckpt, path, optimizer, batches, seed, ctx, say):
     """Load what a checkpoint of the paper's release holds; return (next epoch, global iteration, best accuracy).
 
     The optimizer state is taken if it fits (this run's flags keep their

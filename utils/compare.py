@@ -23,6 +23,7 @@ import csv
 import io
 import math
 import os
+import platform
 import statistics
 import sys
 
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, NETS, build_model
-from utils.bench import (CPU_BATCH, LEAK, TrainingStep, cpu_peak_mb, cuda_peak_mb, header, make_batch,
+from modules import ARCHITECTURES, NETS
+from utils.bench import (CPU_BATCH, TrainingStep, build_training, cpu_peak_mb, cuda_peak_mb, make_batch,
                          release_step_buffers, time_ms)
 from utils.io import atomic_write_all
 
@@ -46,12 +47,11 @@ BPTT_GROWTH = 5.0             # BPTT's peak at least 5× from T = 10 to T = 100 
 
 
 def build(name, time_step, method, device, seed=0):
-    """The net with the paper's settings (leak, solver, dropout 0.2), trained by `method`, and its SGD optimizer."""
-    torch.manual_seed(seed)  # the same weights for both methods
-    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2, solver=NETS[name].solver,
-                        method=method).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    return model, optimizer
+    """The net with the paper's settings (leak, solver, dropout 0.2), trained by `method`, and its SGD optimizer.
+
+    The seed gives both methods the same weights.
+    """
+    return build_training(name, time_step, device, seed, method=method)
 
 
 def gradient_of(model, x, target, amp, seed):
@@ -296,6 +296,27 @@ def plot_png(rows):
     return buffer.getvalue()
 
 
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def header(args):
+    """One line saying where the comparison was measured."""
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads or torch.get_num_threads()} threads"
+    return (f"torch {torch.__version__}, {where}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"{'bf16 autocast' if args.amp else 'float32'}, median of {args.repeats}; "
+            "BPTT: sigmoid surrogate, alpha 4, reset gradient kept")
+
+
 def report(args, rows, cosines, memory):
     """The Markdown report."""
     t_cos = max(args.time_steps)
@@ -363,15 +384,18 @@ def run(args):
             progress(f"{name} T={time_step} batch {batch}")
             row, cosines[(name, time_step)] = measure(name, time_step, batch, device, args.repeats, args.amp)
             rows.append(row)
+            progress("  " + ", ".join(f"{c} {format_cell(c, row[c])}" for c in COLUMNS[3:]))
         for method in METHODS:
             if args.device == "cuda":
                 progress(f"{name} {method}: largest batch at T={args.time_steps[-1]}")
                 fits = cuda_fits(name, args.time_steps[-1], method, device, args.amp)
                 batches[(name, method)] = largest_batch(fits, args.max_batch)
+                progress(f"  largest batch {batches[(name, method)]}")
             else:
                 t = args.time_steps[0]
                 progress(f"{name} {method}: peak at batch {2 * batch}, T={t}")
                 extra[(name, method)] = (2 * batch, t, peak_only(name, t, method, 2 * batch, device, args.amp))
+                progress(f"  peak MB {extra[(name, method)][2]:.1f}")
     return rows, cosines, memory_rows(rows, extra, args.device, batches)
 
 

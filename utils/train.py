@@ -235,8 +235,8 @@ def claim_folder(stack, folder, args, ckpt, columns, say):
     if abandoned:
         epoch = len(saved_log(ckpt, len(columns)))
         kept = set_aside_abandoned(folder, epoch + abandoned)
-        say(f'Rewound to epoch {epoch}: epochs {epoch + 1}-{epoch + abandoned} are kept aside in '
-            f'{", ".join(kept)}')
+        later = f'epoch {epoch + 1} is' if abandoned == 1 else f'epochs {epoch + 1}-{epoch + abandoned} are'
+        say(f'Rewound to epoch {epoch}: {later} kept aside in {", ".join(kept)}')
 
 
 def on_rank0(ctx, device, work):
