@@ -110,7 +110,10 @@ def test_training_step_and_rates(name, classes, time_step, leak, solver, shape, 
     stats = model.solver_stats
     print(f"[{name}-C{classes}] adjoint solve ({model.snn.solver}): {stats['nstep']} steps, "
           f"relative residual {stats['rel_residual']:.1e}")
-    assert 1 <= stats["nstep"] <= 30 and stats["rel_residual"] < 1e-3
+    # Either the solve reached the paper's stopping level, or it ran to the cap of 30 iterations;
+    # the trace holds the start and one residual per iteration.
+    assert stats["stop"] == "tol" or stats["nstep"] == 30
+    assert len(stats["trace"]) == stats["nstep"] + 1 and stats["rel_residual"] < 1e-3
 
     g_name = "snn.feedback.linear.parametrizations.weight.0.g"
     cancelled_by_bn = {n for n, _ in model.named_parameters()

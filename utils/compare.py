@@ -44,6 +44,7 @@ LIMIT_MB = 80 * 1024          # 80 GiB, a large accelerator's memory
 LIMIT_BATCH = 128             # the paper's batch
 IDE_FLAT = 0.10               # IDE's peak within ±10% over T
 BPTT_GROWTH = 5.0             # BPTT's peak at least 5× from T = 10 to T = 100 (conv nets)
+BYTE_MB = 2 ** -20            # a slope in T below one byte per sample and step is rounding in the fit
 
 
 def build(name, time_step, method, device, seed=0):
@@ -134,7 +135,7 @@ def memory_model(rows, extra_peaks, method):
     ts = np.array([r["T"] for r in rows], dtype=float)
     peaks = np.array([r[key] for r in rows], dtype=float)
     slope, intercept = np.polyfit(ts, peaks, 1) if len(ts) > 1 else (0.0, peaks[0])
-    c1 = slope / b
+    c1 = slope / b if abs(slope / b) >= BYTE_MB else 0.0
     batch2, t2, peak2 = extra_peaks
     per_sample_at_t2 = (peak2 - (intercept + slope * t2)) / (batch2 - b)  # c0 + c1·t2
     c0 = per_sample_at_t2 - c1 * t2
