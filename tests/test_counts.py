@@ -113,3 +113,21 @@ def test_counts_script_prints_the_table(built_counts):
     assert result.returncode == 0, result.stderr
     assert "| mnist_conv | 10 | 13,328 | 229,643 | 13K | 229K |" in result.stdout
     assert parse_markdown_rows(result.stdout) == built_counts
+
+
+def test_readme_settings_table_is_the_settings_table():
+    """The README's per-script table states what modules.settings.NETS holds (T, leak, schedule, warm-up, solver)."""
+    from modules import NETS
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'),
+                  encoding='utf-8').read()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) == 8 and cells[0].startswith('`') and cells[0].endswith('.py`'):
+            rows[cells[0].strip('`')] = cells
+    assert set(rows) == {net.script for net in NETS.values()}
+    for name, net in NETS.items():
+        _, _, datasets, t, leaky, schedule, warmup, solver = rows[net.script]
+        assert datasets == ', '.join(f'`{d}`' for d in net.datasets), name
+        assert (int(t), float(leaky), schedule, int(warmup), solver) == (
+            net.time_step, net.leaky, ' '.join(map(str, net.schedule)), net.warmup, net.solver), name

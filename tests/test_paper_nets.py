@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import build_model
+from utils.smoke import calibrate_bn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,19 +35,6 @@ def paper_input(name, shape, time_step, seed=0):
         return (torch.rand(BATCH, *shape, time_step, generator=gen) < 0.2).float()
     return torch.randn(BATCH, *shape, generator=gen)
 
-
-def calibrate_bn(model, x):
-    """Set the BN running statistics to one batch's statistics (a training forward at momentum 1),
-    as a few training steps would: with the initial statistics (mean 0, var 1) the deep layers of
-    the multi-layer nets stay silent for a few steps, and a silent last layer gives the classifier
-    and the feedback weight no gradient yet."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 1.0
-    model(x)
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
 
 
 def spectral_norm(matrix):

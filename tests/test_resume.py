@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests import fakedata
 from tests.conftest import cpu_bit_exact
-from utils import checkpoint, train
+from utils import checkpoint
 from utils.io import CheckpointError
 from utils.train import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
 

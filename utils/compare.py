@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from modules import ARCHITECTURES, NETS
-from utils.bench import (CPU_BATCH, TrainingStep, build_training, cpu_peak_mb, cuda_peak_mb, make_batch,
-                         release_step_buffers, time_ms)
+from utils.bench import (CPU_BATCH, TrainingStep, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
+                         make_batch, release_step_buffers, time_ms)
 from utils.io import atomic_write_all
 
 METHODS = ("ide", "bptt")
@@ -361,13 +361,6 @@ def parse_args(argv=None):
     if existing and not args.overwrite:
         p.error(f"{args.out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
     return args
-
-
-def batch_size(args, name):
-    """The batch size for net `name`."""
-    if args.batch is not None:
-        return args.batch
-    return 32 if args.device == "cuda" else CPU_BATCH[name]
 
 
 def progress(text):

@@ -267,7 +267,7 @@ def stats_dict(stats, costs=EnergyCosts()):
                    for layer, row in zip(stats.layers, rows[1:-2])],
         'total_neurons': stats.total_neurons, 'total_rate': stats.total_rate,
     }
-    input_row, classifier_row, total_row = rows[0], rows[-2], rows[-1]
+    input_row, total_row = rows[0], rows[-1]
     payload.update({
         'input': {'shape': list(ops.input_shape), 'neurons': ops.input_neurons, 'spike_input': ops.spike_input,
                   'rate': ops.input_rate, 'spikes': input_row['spikes'], 'sops': ops.input_sops,

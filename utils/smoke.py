@@ -127,7 +127,6 @@ def tf32_policy(enabled):
 
 
 # ------------------------------------------------------------------------------ step
-@torch.no_grad()
 def calibrate_bn(model, x):
     """BN running statistics set to this batch's (a training forward at momentum 1), as a few steps would:
     with the initial ones the deep layers of the multi-layer nets are silent and most gradients zero."""
