@@ -22,11 +22,11 @@ batch statistics of its linear output on x̄) carry gradient, as BN's batch
 statistics do in training; the loop layers normalise with their running
 statistics, constants of the step.
 """
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils import parametrize
 
 from .precision import forward_precision
 
@@ -180,30 +180,17 @@ class BPTT:
 
     def unrolled_rate(self, snn, x):
         """The state rate of `snn.simulate(x)` in training, computed with autograd through all T steps."""
-        frames = snn.input_frames(x)
-        in_stats, loop_stats = snn.input_stats(x), loop_constants(snn)
-        n_layers = len(snn.layers) + 1
-        u, s = [None] * n_layers, [None] * n_layers
-        state = None
-        constant_current = None if snn.spike_input else input_current(snn.input_layer, x, in_stats)
-        with parametrize.cached():
-            for t, frame in enumerate(frames):
-                current = constant_current if constant_current is not None else input_current(
-                    snn.input_layer, frame, in_stats)
-                if t > 0:
-                    current = current + snn.feedback(s[-1])
-                for l in range(n_layers):
-                    if l > 0:
-                        current = snn.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
-                    if u[l] is None:  # u[-1] = s[-1] = 0, in x's dtype as in the simulation
-                        u[l], s[l] = torch.zeros_like(current, dtype=x.dtype), torch.zeros_like(current, dtype=x.dtype)
-                    reset = s[l].detach() if self.detach_reset else s[l]
-                    # The simulation's in-place ops, out of place: the same values, bit for bit.
-                    u[l] = self._leak(snn, torch.sub(u[l], reset, alpha=snn.vth)).add(current)
-                    s[l] = self.spike(u[l] - snn.vth)
-                state = s[-1].clone() if state is None else self._leak(snn, state).add(s[-1])
-        norm = sum(snn.leak ** k for k in range(snn.time_step))
-        return state.div(norm)
+        in_stats = snn.input_stats(x)
+        rate, _ = snn.unroll(x, lambda h: input_current(snn.input_layer, h, in_stats), loop_constants(snn),
+                             functools.partial(self.step, snn))
+        return rate
+
+    def step(self, snn, u, s, current):
+        """One time step of one layer, out of place, with the surrogate gradient: (new u, new s)."""
+        reset = s.detach() if self.detach_reset else s
+        # The simulation's in-place ops, out of place: the same values, bit for bit.
+        u = self._leak(snn, torch.sub(u, reset, alpha=snn.vth)).add(current)
+        return u, self.spike(u - snn.vth)
 
     @staticmethod
     def _leak(snn, h):

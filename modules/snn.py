@@ -103,10 +103,14 @@ class FeedbackSNN(nn.Module):
         """The T input frames as a list (static input: T references to x)."""
         if not self.spike_input:
             return [x] * self.time_step
+        return self._check_frames(x).unbind(-1)[:self.time_step]
+
+    def _check_frames(self, x):
+        """x, if spike input x has at least T frames; ValueError naming both numbers otherwise."""
         if x.shape[-1] < self.time_step:
             raise ValueError(f"spike input has {x.shape[-1]} frames, the network simulates "
                              f"{self.time_step} time steps")
-        return x.unbind(-1)[:self.time_step]
+        return x
 
     def average_input(self, x):
         """x̄: x itself for static input, the rate-weighted time average of spike input."""
@@ -114,7 +118,7 @@ class FeedbackSNN(nn.Module):
             return x
         w = rate_weights(self.time_step, self.leak, x.dtype, x.device)
         # A new tensor: the paper's release averaged in place, corrupting the input.
-        return torch.tensordot(x[..., :self.time_step], w, dims=([-1], [0]))
+        return torch.tensordot(self._check_frames(x)[..., :self.time_step], w, dims=([-1], [0]))
 
     def input_stats(self, x):
         """BN statistics of the input layer for the simulation (None: no BN or evaluation).
@@ -148,15 +152,28 @@ class FeedbackSNN(nn.Module):
         Per-layer firing rates, on request, are plain spike counts / T for every
         spiking layer in the order the input flows through them.
         """
+        in_stats = self.input_stats(x)
+        rate, rates = self.unroll(x, lambda h: self.input_layer(h, stats=in_stats), self.loop_stats(),
+                                  self._fire_, all_rates)
+        forget_autocast_copies(x.device.type)
+        return rate, rates
+
+    def unroll(self, x, input_current, loop_stats, step, all_rates=False):
+        """The T-step loop shared by the simulation and BPTT's differentiable simulation.
+
+        input_current(x or a frame) gives the input layer's current, loop_stats
+        the BN statistics of each loop layer, and step(u, s, current) -> (u, s)
+        advances one layer's potentials u and spikes s by one time step (in
+        place in the simulation, out of place with a surrogate gradient in BPTT).
+        """
         frames = self.input_frames(x)
-        in_stats, loop_stats = self.input_stats(x), self.loop_stats()
         n_layers = len(self.layers) + 1
         u, s, counts = [None] * n_layers, [None] * n_layers, [None] * n_layers
         state = None
-        constant_current = None if self.spike_input else self.input_layer(x, stats=in_stats)
+        constant_current = None if self.spike_input else input_current(x)
         with parametrize.cached():
             for t, frame in enumerate(frames):
-                current = constant_current if constant_current is not None else self.input_layer(frame, stats=in_stats)
+                current = constant_current if constant_current is not None else input_current(frame)
                 if t > 0:
                     current = current + self.feedback(s[-1])
                 for l in range(n_layers):
@@ -164,19 +181,23 @@ class FeedbackSNN(nn.Module):
                         current = self.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
                     if u[l] is None:
                         # u[-1] = s[-1] = 0. Under autocast the currents may be bf16; potentials
-                        # and spikes stay in x's dtype (the in-place updates promote the currents).
+                        # and spikes stay in x's dtype (the updates promote the currents).
                         u[l], s[l] = torch.zeros_like(current, dtype=x.dtype), torch.zeros_like(current, dtype=x.dtype)
                         if all_rates:
                             counts[l] = torch.zeros_like(s[l])
-                    self._integrate_(u[l], s[l], current)
-                    torch.ge(u[l], self.vth, out=s[l])
+                    u[l], s[l] = step(u[l], s[l], current)
                     if all_rates:
                         counts[l].add_(s[l])
                 state = s[-1].clone() if state is None else self._leak_(state).add_(s[-1])
-        forget_autocast_copies(x.device.type)
         norm = sum(self.leak ** k for k in range(self.time_step))
         rates = [c.div_(self.time_step) for c in counts] if all_rates else None
         return state.div_(norm), rates
+
+    def _fire_(self, u, s, current):
+        """One time step of one layer in place: u ← λ (u - Vth s) + I, then s ← H(u - Vth)."""
+        self._integrate_(u, s, current)
+        torch.ge(u, self.vth, out=s)
+        return u, s
 
     def _leak_(self, h):
         """h ← λ·h in place (nothing to do for IF)."""
