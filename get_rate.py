@@ -16,7 +16,6 @@ import inspect
 import os
 import signal
 import sys
-import tempfile
 import threading
 
 import torch
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 from modules import ARCHITECTURES, NETS, build_model, settings
 from utils import cli
 from utils.data import DataError, get_datasets
-from utils.io import CheckpointError, load_checkpoint, load_into_model
+from utils.io import CheckpointError, load_checkpoint, load_into_model, make_writable_folder, refuse_existing_files
 from utils.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, rates_png,
                          stats_dict, sweep_png, write_files)
 from utils.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
@@ -118,25 +117,6 @@ def model_kwargs(args, ckpt):
             'time_step': args.time_step or saved.get('time_step', paper['time_step']),
             'leaky': args.leaky if args.leaky is not None else saved.get('leaky', paper['leaky']),
             'vth': args.vth or saved.get('vth', paper['vth'])}
-
-
-def check_writable(folder):
-    """Create folder if needed and write (then remove) a probe file in it; CheckpointError if either fails."""
-    # At start-up: the evaluation can take hours, and a folder that refuses the files would waste them.
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix='.rates-probe-', dir=folder)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as exc:
-        raise CheckpointError(f'cannot write the statistics files to {folder}: {exc.strerror or exc}') from exc
-
-
-def refuse_existing(paths, overwrite):
-    """Refuse (CheckpointError) to replace existing statistics files unless overwrite."""
-    for path in paths:
-        if os.path.exists(path) and not overwrite:
-            raise CheckpointError(f'{path} exists; pass --overwrite to replace it or --out-dir to write elsewhere')
 
 
 def evaluate(model, loader, device, title):
@@ -235,14 +215,15 @@ def run(args, written):
     print(device_line)
     ckpt = load_checkpoint(args.resume)
     folder = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
-    check_writable(folder)
+    make_writable_folder(folder)  # at start-up: the evaluation can take hours
     args.dataset, dataset_line = choose_dataset(args.dataset, trained_dataset(ckpt, args.arch), args.arch)
     if dataset_line:
         print(dataset_line)
     kwargs = model_kwargs(args, ckpt)
     paths = output_paths(args.resume, kwargs['time_step'], folder)
     sweep_paths = output_paths(args.resume, args.sweep_T, folder) if args.sweep_T else {}
-    refuse_existing(list(paths.values()) + list(sweep_paths.values()), args.overwrite)
+    refuse_existing_files(list(paths.values()) + list(sweep_paths.values()), args.overwrite,
+                          ' or --out-dir to write elsewhere')
     costs = EnergyCosts(args.e_ac, args.e_mac)
 
     print(f'==> Preparing dataset {args.dataset}')

@@ -24,7 +24,8 @@ from tests.nmnist_fakes import make_nmnist_tree
 from tests.test_release_checkpoints import lively_, release_checkpoint, sample_input
 from utils.data import get_datasets
 from utils.io import atomic_save
-from utils.rates import (LayerRate, RateStats, checkpoint_stem, evaluate_rates, format_table, logits_and_rates,
+from utils.io import checkpoint_stem
+from utils.rates import (LayerRate, RateStats, evaluate_rates, format_table, logits_and_rates,
                          output_paths, weighted_total)
 from utils.sops import network_links, sops_of
 
@@ -414,8 +415,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_evaluation(tmp_path, 
                           '-j', '0', '--out-dir', folder, '--sweep-T', '2', '3'], prog='get_rate.py')
     out, err = capsys.readouterr()
     assert code == 1
-    assert err.count('\n') == 1 and err.startswith(f'get_rate.py: error: cannot write the statistics files to '
-                                                   f'{folder}: ')
+    assert err.count('\n') == 1 and err.startswith(f'get_rate.py: error: cannot write in {folder}: ')
     assert 'Preparing dataset' not in out and 'Test Loss' not in out
 
 

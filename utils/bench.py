@@ -323,12 +323,8 @@ def constraint_lines(rows):
             + (" (" + "; ".join(text for text, _ in growth) + ")" if growth else "")]
 
 
-def parse_args(argv=None):
-    """The command-line flags."""
-    p = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
-    p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
+def add_measurement_flags(p):
+    """The flags of how a training step is measured, shared with utils.compare."""
     p.add_argument("--batch", type=int, default=None,
                    help="batch size of every net (default: 32 on CUDA; per net on the CPU: "
                         + ", ".join(f"{k} {v}" for k, v in CPU_BATCH.items()) + ")")
@@ -336,6 +332,15 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as the training scripts' --amp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+
+
+def parse_args(argv=None):
+    """The command-line flags."""
+    p = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
+    p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
+    add_measurement_flags(p)
     p.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="adjoint solver (default: the net's)")
     p.add_argument("--solver-memory", type=int, default=None, help="memory of broyden/anderson (default: theirs)")
     p.add_argument("--grad", choices=sorted(GRADIENTS), default="ide", help="gradient mode (modules.implicit)")

@@ -25,7 +25,8 @@ import torch
 
 from utils import distributed
 from utils.engine import RunError, hyperparameters
-from utils.io import BEST_NAME, CheckpointError, rng_state, save_checkpoint, set_rng_state, stale_temporaries
+from utils.io import (BEST_NAME, CheckpointError, make_writable_folder, rng_state, save_checkpoint, set_rng_state,
+                      stale_temporaries)
 from utils.logger import Logger, as_written
 
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -44,21 +45,6 @@ def log_columns(diagnostics):
 
 # ------------------------------------------------------------------ the folder
 
-def make_folder(folder):
-    """Create the checkpoint folder (and parents) and make sure files can be written there."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
-    # Found now rather than at the end of the first epoch, which can take hours.
-    probe = os.path.join(folder, f'.write-test.{os.getpid()}.tmp')
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        os.remove(probe)
-    except OSError as exc:
-        raise CheckpointError(f'cannot write in {folder}: {exc.strerror or exc}') from exc
-
-
 class FolderLock:
     """An exclusive lock on folder/.lock for as long as the run lives; a second run there is refused.
 
@@ -69,7 +55,7 @@ class FolderLock:
     def __init__(self, folder):
         """Take the lock (creating the folder), or raise RunError naming the process that holds it."""
         self.created = not os.path.isdir(folder)
-        make_folder(folder)
+        make_writable_folder(folder)
         self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
         while True:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import ARCHITECTURES, NETS
-from utils.bench import (CPU_BATCH, TrainingStep, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
+from utils.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
                          make_batch, release_step_buffers, time_ms)
 from utils.io import atomic_write_all
 
@@ -341,13 +341,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[5, 10, 30, 100])
-    p.add_argument("--batch", type=int, default=None,
-                   help="batch size of every net (default: 32 on CUDA; per net on the CPU as utils.bench: "
-                        + ", ".join(f"{k} {v}" for k, v in CPU_BATCH.items()) + ")")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast, as the training scripts' --amp")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    add_measurement_flags(p)
     p.add_argument("--max-batch", type=int, default=16384, help="CUDA: the largest batch the search tries")
     p.add_argument("--out", default="checkpoints/compare", help="folder for compare.md/.csv/.png")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier comparison in --out")

@@ -191,6 +191,42 @@ def append_line(path, line):
         raise CheckpointError(f'cannot write {os.fspath(path)}: {_reason(exc)}') from exc
 
 
+# Suffixes dropped from a checkpoint's file name to name the files written about it.
+CHECKPOINT_SUFFIXES = ('.tar', '.pth', '.pt', '.ckpt', '.pkl', '.bin')
+
+
+def checkpoint_stem(path):
+    """A checkpoint's file name without its suffixes: 'model_best.pth.tar' -> 'model_best'."""
+    name = os.path.basename(os.fspath(path))
+    while True:
+        root, ext = os.path.splitext(name)
+        if ext.lower() not in CHECKPOINT_SUFFIXES or not root:
+            return name
+        name = root
+
+
+def make_writable_folder(folder):
+    """Create folder (and parents) and make sure files can be written there; CheckpointError if not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+    # Found now rather than after an evaluation or an epoch, which can take hours.
+    probe = os.path.join(folder, f'.write-test.{os.getpid()}.tmp')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write in {folder}: {exc.strerror or exc}') from exc
+
+
+def refuse_existing_files(paths, overwrite, elsewhere=''):
+    """CheckpointError naming the first of paths that exists, unless overwrite; elsewhere: how else to proceed."""
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise CheckpointError(f'{path} exists; pass --overwrite to replace it{elsewhere}')
+
+
 def save_checkpoint(state, is_best, folder, filename='checkpoint.pth.tar'):
     """Save state atomically as folder/filename, also as model_best.pth.tar if is_best; return the path.
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.io import atomic_write_all
+from utils.io import atomic_write_all, checkpoint_stem
 from utils.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
 
 # Suffixes dropped from a checkpoint's file name to name its statistics files.
-_CHECKPOINT_SUFFIXES = ('.tar', '.pth', '.pt', '.ckpt', '.pkl', '.bin')
 CSV_FIELDS = ('time_step', 'neuron', 'leaky', 'vth', 'samples', 'loss', 'acc', 'layer', 'shape', 'neurons', 'rate',
               'spikes', 'sops', 'snn_macs', 'snn_macs_every_step', 'ann_macs', 'snn_energy_pj',
               'snn_energy_every_step_pj', 'ann_energy_pj', 'e_ac_pj', 'e_mac_pj')
@@ -302,16 +301,6 @@ def csv_text(runs, costs=EnergyCosts()):
             writer.writerow(dict(common, **values, snn_energy_pj=repr(snn),
                                  snn_energy_every_step_pj=repr(snn_every_step), ann_energy_pj=repr(ann)))
     return out.getvalue()
-
-
-def checkpoint_stem(path):
-    """A checkpoint's file name without its suffixes: 'model_best.pth.tar' -> 'model_best'."""
-    name = os.path.basename(os.fspath(path))
-    while True:
-        root, ext = os.path.splitext(name)
-        if ext.lower() not in _CHECKPOINT_SUFFIXES or not root:
-            return name
-        name = root
 
 
 def output_paths(checkpoint, time_steps, folder=None):

@@ -18,12 +18,11 @@ from torch import nn
 
 from modules import build_model, is_leaky
 from utils.engine import evaluate
-from utils.io import CheckpointError, atomic_write, atomic_write_text
+from utils.io import (atomic_write, atomic_write_text, checkpoint_stem, make_writable_folder,
+                      refuse_existing_files)
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
-# Suffixes dropped from a checkpoint's file name to name its sweep files.
-_CHECKPOINT_SUFFIXES = ('.tar', '.pth', '.pt', '.ckpt', '.pkl', '.bin')
 
 
 def sweep_prefix(checkpoint, time_steps, folder=None):
@@ -32,10 +31,7 @@ def sweep_prefix(checkpoint, time_steps, folder=None):
     folder defaults to the checkpoint's own.
     """
     folder = os.path.dirname(os.path.abspath(checkpoint)) if folder is None else folder
-    stem = os.path.basename(os.fspath(checkpoint))
-    while os.path.splitext(stem)[1].lower() in _CHECKPOINT_SUFFIXES and os.path.splitext(stem)[0]:
-        stem = os.path.splitext(stem)[0]
-    stem = re.sub(r'[^\w.-]', '_', stem)
+    stem = re.sub(r'[^\w.-]', '_', checkpoint_stem(checkpoint))
     return os.path.join(folder, f'acc_{stem}_sweepT' + '-'.join(str(t) for t in time_steps))
 
 
@@ -54,15 +50,9 @@ def check_time_steps(time_steps):
 
 
 def refuse_existing(out_prefix, overwrite):
-    """Raise CheckpointError if a sweep file exists and overwrite is False; create the folder."""
-    for path in sweep_paths(out_prefix).values():
-        if os.path.exists(path) and not overwrite:
-            raise CheckpointError(f'{path} exists; pass --overwrite to replace it')
-    folder = os.path.dirname(os.path.abspath(out_prefix))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+    """Raise CheckpointError if a sweep file exists and overwrite is False, or the folder is not writable."""
+    refuse_existing_files(sweep_paths(out_prefix).values(), overwrite)
+    make_writable_folder(os.path.dirname(os.path.abspath(out_prefix)))
 
 
 @torch.no_grad()
