@@ -365,3 +365,25 @@ def test_sweep_T_writes_one_accuracy_per_T_beside_the_checkpoint(trained, tmp_pa
     # Typed in any order, with repeats: one set of T (as get_rate.py takes it).
     args, _, _ = cli.parse_args('fashion_mlp', ['-e', '--resume', 'x', '--sweep-T', '4', '2', '4'])
     assert args.sweep_T == [2, 4]
+
+
+# ---------------------------------------------------------------- diagnostics
+
+def test_diagnostics_reach_the_log_and_the_step_csv(trained, tmp_path):
+    """Each epoch's row carries the equilibrium diagnostics of its steps, and --solver-log appends one CSV row per
+    step (never truncating the file on resume). At --threshold 3 with the paper's rule every solve hits the cap."""
+    folder = copy_run(trained, tmp_path / 'run')
+    steps = tmp_path / 'steps.csv'
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2', '--solver-log', steps])
+    run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '3', '--solver-log', steps])
+    rows = log_rows(folder)
+    for row in rows[1:]:
+        assert row['Bwd Iters'] == 3 and row['Bwd Capped'] == 1.0
+        assert 0 < row['Bwd Res.'] < 1 and 0 < row['Fwd Res.'] < 10
+        assert 0 < row['Contraction'] <= 1 / 2.0 + 1e-6  # |g| ≤ 1 over Vth = 2
+    with open(steps, encoding='utf-8') as f:
+        header, *lines = [line.split(',') for line in f.read().splitlines()]
+    assert header[:4] == ['epoch', 'iteration', 'nstep', 'stop']
+    # 32 training samples in batches of 16: two steps an epoch, epochs 2 and 3.
+    assert [(int(l[0]), int(l[1]), int(l[2]), l[3]) for l in lines] == [
+        (2, 2, 3, 'cap'), (2, 3, 3, 'cap'), (3, 4, 3, 'cap'), (3, 5, 3, 'cap')]
