@@ -1,5 +1,5 @@
 """Train or evaluate AlexNet-F, the multi-layer feedback SNN, on CIFAR-10/100, as in the paper."""
-from utils.train import run
+from utils.training.run import run
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """Train or evaluate CIFARNet-F, the wide multi-layer feedback SNN, on CIFAR-10/100, as in the paper."""
-from utils.train import run
+from utils.training.run import run
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """Train or evaluate the 400-neuron fully connected feedback SNN (F400) on Fashion-MNIST, as in the paper."""
-from utils.train import run
+from utils.training.run import run
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ Evaluates the checkpoint on the test set (the one it was trained on unless
 `--dataset` says otherwise): loss, accuracy, each spiking layer's average
 firing rate and the neuron-weighted total, spikes, synaptic operations (SOPs),
 MACs and energy per test sample next to those of the same net as an ANN
-(utils.sops). Writes them next to the checkpoint as
+(utils.analysis.sops). Writes them next to the checkpoint as
 rates_<checkpoint>_T<T>.{json,csv,png}; `--sweep-T` adds the same statistics
 for several T (rates_<checkpoint>_sweepT<...>.*).
 
@@ -23,19 +23,20 @@ from progress.bar import Bar
 from torch.utils.data import DataLoader
 
 from modules import ARCHITECTURES, NETS, build_model, settings
-from utils import cli
-from utils.data import DataError, get_datasets
-from utils.io import CheckpointError, load_checkpoint, load_into_model, make_writable_folder, refuse_existing_files
-from utils.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, rates_png,
+from utils import flags
+from utils.data.datasets import DataError, get_datasets
+from utils.checkpoint import load_checkpoint, load_into_model
+from utils.files import CheckpointError, make_writable_folder, refuse_existing_files
+from utils.analysis.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, rates_png,
                          stats_dict, sweep_png, write_files)
-from utils.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
+from utils.analysis.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
 
 _MODEL_KWARGS = set(inspect.signature(build_model).parameters) - {'name'}
 
 
 def build_parser(arch=None, prog=None):
     """The flags; with a fixed `arch` there is no --arch flag and the data sets are that network's."""
-    parser = cli.OneLineParser(prog=prog, description='Firing-rate statistics of a trained IDE-FSNN checkpoint: '
+    parser = flags.OneLineParser(prog=prog, description='Firing-rate statistics of a trained IDE-FSNN checkpoint: '
                                                       'test loss/accuracy, per-layer and total average rates.')
     if arch is None:
         parser.add_argument('--arch', required=True, choices=sorted(NETS), help='network of the checkpoint')
@@ -44,24 +45,24 @@ def build_parser(arch=None, prog=None):
                         help="test set (default: the checkpoint's, else the network's: " +
                              ', '.join(f"{n} {NETS[n].dataset}" for n in names) + ')')
     parser.add_argument('--path', default='./data', help='data folder')
-    parser.add_argument('-j', '--workers', default=4, type=cli.NON_NEGATIVE_INT, help='data loading processes')
-    parser.add_argument('-t', '--time_step', type=cli.POSITIVE_INT,
+    parser.add_argument('-j', '--workers', default=4, type=flags.NON_NEGATIVE_INT, help='data loading processes')
+    parser.add_argument('-t', '--time_step', type=flags.POSITIVE_INT,
                         help="time steps T (default: the checkpoint's, else the paper's)")
-    parser.add_argument('--vth', type=cli.POSITIVE, help="firing threshold (default: the checkpoint's, else 2.0)")
-    parser.add_argument('--leaky', type=cli.ANY_FLOAT,
+    parser.add_argument('--vth', type=flags.POSITIVE, help="firing threshold (default: the checkpoint's, else 2.0)")
+    parser.add_argument('--leaky', type=flags.ANY_FLOAT,
                         help="LIF leak in (0, 1); 1 means IF (default: the checkpoint's, else the paper's)")
-    parser.add_argument('--test-batch', default=200, type=cli.POSITIVE_INT, help='test batch size')
+    parser.add_argument('--test-batch', default=200, type=flags.POSITIVE_INT, help='test batch size')
     parser.add_argument('--resume', required=True, metavar='FILE',
                         help="checkpoint to evaluate (this project's or the paper's release)")
-    parser.add_argument('--sweep-T', nargs='+', type=cli.POSITIVE_INT, metavar='T',
+    parser.add_argument('--sweep-T', nargs='+', type=flags.POSITIVE_INT, metavar='T',
                         help='also measure the rates at each of these T (table, JSON/CSV, plot)')
     parser.add_argument('--out-dir', metavar='DIR',
                         help="folder for the statistics files (default: the checkpoint's)")
     parser.add_argument('--overwrite', action='store_true', help='replace statistics files that already exist')
-    parser.add_argument('--e-ac', type=cli.NON_NEGATIVE, default=E_AC_PJ, metavar='PJ',
+    parser.add_argument('--e-ac', type=flags.NON_NEGATIVE, default=E_AC_PJ, metavar='PJ',
                         help=f'energy of one synaptic operation (accumulate), pJ (default: {E_AC_PJ}, '
                              f'32-bit float add, 45 nm)')
-    parser.add_argument('--e-mac', type=cli.NON_NEGATIVE, default=E_MAC_PJ, metavar='PJ',
+    parser.add_argument('--e-mac', type=flags.NON_NEGATIVE, default=E_MAC_PJ, metavar='PJ',
                         help=f'energy of one multiply-accumulate, pJ (default: {E_MAC_PJ}, 32-bit float, 45 nm)')
     parser.add_argument('--gpu-id', help='comma-separated GPU indices to use (default: all visible)')
     return parser
@@ -78,7 +79,7 @@ def parse_args(argv=None, arch=None, prog=None):
         parser.error(f"--dataset: {args.arch} reads {' or '.join(net.datasets)}, got {args.dataset}")
     if args.sweep_T:
         args.sweep_T = sorted(set(args.sweep_T))
-    cli.select_gpus(parser, args.gpu_id)
+    flags.select_gpus(parser, args.gpu_id)
     return args
 
 

@@ -1,7 +1,7 @@
 """Train or evaluate the 64C5s feedback SNN (F64C5) on MNIST, as in the paper.
 
 Example (CPU, no download): python mnist_conv.py --dataset digits -j 0"""
-from utils.train import run
+from utils.training.run import run
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """Train or evaluate the 64C5s feedback SNN (F64C5) on N-MNIST spike frames (B, 2, 34, 34, T), as in the paper."""
-from utils.train import run
+from utils.training.run import run
 
 
 def main(argv=None):

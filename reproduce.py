@@ -33,8 +33,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from modules import NETS, is_leaky  # noqa: E402
-from utils import cli  # noqa: E402
-from utils.io import atomic_write, atomic_write_text  # noqa: E402
+from utils import flags as cli  # noqa: E402
+from utils.files import atomic_write, atomic_write_text  # noqa: E402
 
 PAPER_RESULTS = os.path.join(HERE, 'paper_results.csv')
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -334,7 +334,7 @@ def data_problem(dataset, path):
             return f'{folder} lacks {", ".join(missing)} and there is no {os.path.join(path, cls.filename)}'
         return None
     if dataset == 'nmnist':
-        from utils.nmnist import find_split_dir
+        from utils.data.nmnist import find_split_dir
 
         missing = [name for name, train in (('Train', True), ('Test', False)) if find_split_dir(path, train) is None]
         return f'{path} lacks {" and ".join(m + "/0..9/" for m in missing)} (N-MNIST)' if missing else None
@@ -349,7 +349,7 @@ def check_data(jobs, download):
         if (job.row.id, dataset) not in problems:
             problems[(job.row.id, dataset)] = data_problem(dataset, job.path)
     if download:
-        from utils.data import DataError, get_datasets
+        from utils.data.datasets import DataError, get_datasets
 
         for dataset in sorted({d for (_, d), problem in problems.items() if problem and d != 'nmnist'}):
             print(f'Fetching {dataset} into {jobs[0].path} ...', flush=True)

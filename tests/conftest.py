@@ -19,7 +19,7 @@ INPUT_SHAPES = {"fc": (6,), "conv": (1, 4, 4), "multi": (1, 4, 4)}
 
 
 # Two runs of a training script agree bit for bit on the CPU; on a GPU only with --deterministic,
-# which these tests do not pass (utils.smoke checks resume on a GPU with it).
+# which these tests do not pass (tools.smoke checks resume on a GPU with it).
 cpu_bit_exact = pytest.mark.skipif(torch.cuda.is_available(),
                                    reason='bit-exact repeat holds on the CPU; on a GPU it needs --deterministic')
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import nmnist_convert
+from utils.data import nmnist_convert
 
 MAX_TS = 300000
 

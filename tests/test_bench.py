@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 
-from utils.bench import COLUMNS, TrainingStep, build_training, cpu_peak_mb, make_batch
+from tools.bench import COLUMNS, TrainingStep, build_training, cpu_peak_mb, make_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_command_prints_the_table():
-    """`python -m utils.bench` on a tiny configuration prints one Markdown table with every column."""
+    """`python -m tools.bench` on a tiny configuration prints one Markdown table with every column."""
     result = subprocess.run(
-        [sys.executable, "-m", "utils.bench", "--nets", "fashion_mlp", "--time-steps", "2", "--batch", "2",
+        [sys.executable, "-m", "tools.bench", "--nets", "fashion_mlp", "--time-steps", "2", "--batch", "2",
          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

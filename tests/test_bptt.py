@@ -292,10 +292,10 @@ def test_every_parameter_gets_a_gradient(name):
     assert sum(bool(p.grad.abs().sum() > 0) for p in bptt.parameters()) > len(list(bptt.parameters())) // 2
 
 
-# ------------------------------------------------------------------------- utils.compare
+# ------------------------------------------------------------------------- tools.compare
 def test_largest_batch_doubles_then_bisects():
     """The search finds the exact largest batch that fits, with O(log b) trials, and reports a cap."""
-    from utils.compare import largest_batch
+    from tools.compare import largest_batch
     for limit in (1, 2, 3, 37, 64, 1000):
         tried = []
         found, capped = largest_batch(lambda b: tried.append(b) or b <= limit, cap=4096)
@@ -307,7 +307,7 @@ def test_largest_batch_doubles_then_bisects():
 
 def test_memory_model_recovers_a_linear_peak():
     """peak(B, T) = K + B·(c0 + c1·T) is recovered from a T series and one second batch size."""
-    from utils.compare import memory_model, steps_to_limit
+    from tools.compare import memory_model, steps_to_limit
     k, c0, c1, b = 40.0, 3.0, 0.5, 8
 
     def peak(batch, t):
@@ -322,7 +322,7 @@ def test_memory_model_recovers_a_linear_peak():
 
 def test_expectation_lines_name_what_breaks():
     """IDE flat, BPTT growing ≥ 5× on conv nets and IDE faster at T = 100: each line names the exceptions."""
-    from utils.compare import expectation_lines
+    from tools.compare import expectation_lines
     rows = [{"net": "mnist_conv", "T": t, "IDE MB": mb, "BPTT MB": 10.0 * t, "time BPTT/IDE": r}
             for t, mb, r in ((10, 30.0, 1.5), (100, 30.5, 2.0))]
     rows += [{"net": "alexnetf", "T": t, "IDE MB": mb, "BPTT MB": bm, "time BPTT/IDE": r}
@@ -335,7 +335,7 @@ def test_expectation_lines_name_what_breaks():
 
 def test_compare_command_writes_its_files_and_keeps_them(tmp_path, capsys):
     """A tiny run prints the table, writes the four files, and a second run refuses to replace them."""
-    from utils.compare import COLUMNS, OUTPUTS, main
+    from tools.compare import COLUMNS, OUTPUTS, main
     out = tmp_path / "cmp"
     main(["--nets", "fashion_mlp", "--time-steps", "2", "3", "--batch", "2", "--repeats", "1", "--out", str(out)])
     printed = capsys.readouterr().out

@@ -52,7 +52,7 @@ def matches_figure(count, text):
 
 
 def parse_markdown_rows(text):
-    """{(net, classes): (neurons, params)} from the table `python -m modules.counts` prints."""
+    """{(net, classes): (neurons, params)} from the table `python -m tools.counts` prints."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -106,9 +106,9 @@ def test_counts_are_exact_for_the_small_nets(built_counts):
 
 
 def test_counts_script_prints_the_table(built_counts):
-    """`python -m modules.counts` prints a Markdown table whose rows agree with the built nets."""
+    """`python -m tools.counts` prints a Markdown table whose rows agree with the built nets."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "modules.counts"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tools.counts"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| mnist_conv | 10 | 13,328 | 229,643 | 13K | 229K |" in result.stdout

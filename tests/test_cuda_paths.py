@@ -86,7 +86,7 @@ def gloo_group_of_one(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, leak, shape", NETS)
 def test_sync_bn_training_step_matches_plain_bn(gloo_group_of_one, name, leak, shape):
-    """Every paper net converted to SyncBatchNorm as utils.distributed.wrap does under --sync-bn takes a
+    """Every paper net converted to SyncBatchNorm as utils.training.distributed.wrap does under --sync-bn takes a
     training step in a process group (DDP itself refuses CPU modules with SyncBatchNorm), and with one process its gradients equal plain BN's: the synced
     statistics at a multi-layer net's Jacobian point carry their gradient (F.batch_norm refuses such
     statistics, which crashed AlexNet-F and CIFARNet-F on the first step)."""

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
-from tests import fakedata
-from utils import data
-from utils.data import DataError, build_loaders, get_datasets
+from tools import fakedata
+from utils.data import datasets as data
+from utils.data.datasets import DataError, build_loaders, get_datasets
 
 MNIST_KINDS = {'mnist': 'MNIST', 'fashionmnist': 'FashionMNIST'}
 
@@ -248,9 +248,9 @@ def test_nmnist_is_delegated_and_its_errors_become_data_errors(monkeypatch):
             if root == 'missing':
                 raise FileNotFoundError(f'no Train/ or Test/ under {root}')
 
-    module = types.ModuleType('utils.nmnist')
+    module = types.ModuleType('utils.data.nmnist')
     module.NMNIST = FakeNMNIST
-    monkeypatch.setitem(sys.modules, 'utils.nmnist', module)
+    monkeypatch.setitem(sys.modules, 'utils.data.nmnist', module)
     train, test, num_classes = get_datasets('nmnist', 'there', time_step=7)
     assert isinstance(train, FakeNMNIST) and isinstance(test, FakeNMNIST) and num_classes == 10
     assert calls == [('there', True, 7), ('there', False, 7)]

@@ -23,9 +23,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from modules import build_model
 from modules.layers import batch_stats
-from tests import fakedata
-from utils import distributed
-from utils.data import ShardSampler
+from tools import fakedata
+from utils.training import distributed
+from utils.data.datasets import ShardSampler
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                  reason='torch.distributed with Gloo is not available'),
@@ -65,7 +65,7 @@ import progress
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from utils import distributed, train
+from utils.training import distributed, run as train
 
 # Draw the progress bars although stderr is a file, so that the test sees which process draws them.
 progress.Infinite.check_tty = False
@@ -459,7 +459,7 @@ RANK0_DELAY_S = 4
 SLOW_RANK0 = f"""
 import datetime, os, sys, time
 import torch
-from utils import distributed
+from utils.training import distributed
 out, timeout_s = sys.argv[1], float(sys.argv[2])
 rank = int(os.environ['RANK'])
 open(os.path.join(out, f'ready{{rank}}'), 'w').close()

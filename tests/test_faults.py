@@ -31,12 +31,13 @@ import pytest
 import torch
 
 from modules import build_model
-from tests import fakedata, nmnist_fakes
+from tests import nmnist_fakes
+from tools import fakedata
 from tests.conftest import cpu_bit_exact
 from tests.test_release_checkpoints import release_checkpoint, save_as_cuda
-from utils import distributed, train
-from utils.data import DataError
-from utils.io import load_checkpoint
+from utils.training import distributed, run as train
+from utils.data.datasets import DataError
+from utils.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny runs: two time steps, three solver iterations, two training batches per epoch.
@@ -48,8 +49,8 @@ CKPT, BEST, LOG = 'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt'
 HOOKED = r'''
 import errno, io, json, math, os, runpy, sys, time
 import torch
-import utils.io
-import utils.train
+import utils.files
+import utils.training.run
 from modules.snn import FeedbackSNN
 
 spec = json.loads(os.environ['FAULT_HOOKS'])
@@ -60,7 +61,7 @@ def mark(name):
     open(os.path.join(spec['marks'], name), 'w').close()
 
 
-real_write = utils.io._write_temporary
+real_write = utils.files._write_temporary
 
 
 def write_temporary(path, write):
@@ -103,7 +104,7 @@ class Batches:
             yield inputs, targets
 
 
-real_epoch = utils.train.train_epoch
+real_epoch = utils.training.run.train_epoch
 
 
 def train_epoch(model, loader, *args, **kwargs):
@@ -122,8 +123,8 @@ def solve(self, func, y0, f0=None):
     return y, info
 
 
-utils.io._write_temporary = write_temporary
-utils.train.train_epoch = train_epoch
+utils.files._write_temporary = write_temporary
+utils.training.run.train_epoch = train_epoch
 FeedbackSNN._solve = solve
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from utils.io import (CheckpointError, atomic_save, atomic_write_text, check_compatible,
-                      load_checkpoint, load_into_model, normalize_state_dict, rng_state,
-                      save_checkpoint, set_rng_state)
-from utils.logger import Logger
-from utils.meters import AverageMeter, accuracy
+from utils.checkpoint import atomic_save, check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state, save_checkpoint, set_rng_state
+from utils.files import CheckpointError, atomic_write_text
+from utils.training.logger import Logger
+from utils.training.meters import AverageMeter, accuracy
 
 FB = 'snn.feedback.linear.parametrizations.weight.'
 

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.nmnist_fakes import make_nmnist_tree, random_events, write_bin, write_raw_tree
-from utils import nmnist
-from utils.data import DataError, get_datasets
-from utils.nmnist_convert import convert_tree, main as convert_main
+from utils.data import nmnist
+from utils.data.datasets import DataError, get_datasets
+from utils.data.nmnist_convert import convert_tree, main as convert_main
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "nmnist_sample.bin"
@@ -432,7 +432,7 @@ def test_cli_input_errors_are_one_line(tmp_path, capsys, case):
 # while a file is being written (its data there, its final name not yet).
 SLOW_CONVERTER = """
 import os, stat, sys, time
-from utils import nmnist_convert
+from utils.data import nmnist_convert
 real_fsync = os.fsync
 def slow_fsync(fd):
     if stat.S_ISREG(os.fstat(fd).st_mode):

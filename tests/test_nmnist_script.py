@@ -6,7 +6,7 @@ import torch
 
 import nmnist_conv
 from tests import nmnist_fakes
-from utils.nmnist import NMNIST
+from utils.data.nmnist import NMNIST
 
 FAST = ['-j', '0', '-t', '3', '--threshold', '3', '--train-batch', '10', '--test-batch', '20',
         '--manualSeed', '0', '--epochs', '1']

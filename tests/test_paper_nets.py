@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import build_model
-from utils.smoke import calibrate_bn
+from tools.smoke import calibrate_bn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,15 +19,15 @@ import get_rate
 from modules import ARCHITECTURES, NETS, build_model
 from modules.layers import Connection, Feedback
 from modules.snn import FeedbackSNN
-from tests.fakedata import make_cifar, make_mnist
+from tools.fakedata import make_cifar, make_mnist
 from tests.nmnist_fakes import make_nmnist_tree
 from tests.test_release_checkpoints import lively_, release_checkpoint, sample_input
-from utils.data import get_datasets
-from utils.io import atomic_save
-from utils.io import checkpoint_stem
-from utils.rates import (LayerRate, RateStats, evaluate_rates, format_table, logits_and_rates,
+from utils.data.datasets import get_datasets
+from utils.checkpoint import atomic_save
+from utils.files import checkpoint_stem
+from utils.analysis.rates import (LayerRate, RateStats, evaluate_rates, format_table, logits_and_rates,
                          output_paths, weighted_total)
-from utils.sops import network_links, sops_of
+from utils.analysis.sops import network_links, sops_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts run side by side: one thread each, rather than every process claiming every core.
@@ -61,7 +61,7 @@ def hand_net(leak):
 
 
 class HandClassifier(nn.Module):
-    """The hand-built SNN behind the classifier interface that utils.rates reads."""
+    """The hand-built SNN behind the classifier interface that utils.analysis.rates reads."""
 
     def __init__(self, snn):
         super().__init__()

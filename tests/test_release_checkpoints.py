@@ -25,9 +25,10 @@ import get_rate
 import get_rate_cifar_alexnetf
 import mnist_conv
 from modules import ARCHITECTURES, build_model
-from tests.fakedata import make_cifar, make_mnist
-from utils.data import get_datasets
-from utils.io import CheckpointError, load_checkpoint, load_into_model
+from tools.fakedata import make_cifar, make_mnist
+from utils.data.datasets import get_datasets
+from utils.checkpoint import load_checkpoint, load_into_model
+from utils.files import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ import torch
 import fashion_mlp
 import reproduce
 from modules import is_leaky, settings
-from utils import cli
+from utils import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TABLE = os.path.join(REPO, '..', 'shared', 'PAPER_RESULTS.md')
@@ -65,7 +65,7 @@ def test_command_line_carries_the_row_settings_and_the_script_defaults(row_id, t
     (job,) = reproduce.make_jobs([row], [7], str(tmp_path), 'DATA', [])
     argv = job.argv()
     assert argv[0] == sys.executable and os.path.basename(argv[1]) == row.script
-    args = vars(cli.build_parser(row.network).parse_args(argv[2:]))
+    args = vars(flags.build_parser(row.network).parse_args(argv[2:]))
     assert args['dataset'] == row.dataset
     assert args['time_step'] == row.time_steps
     assert is_leaky(args['leaky']) == (row.neuron == 'LIF')
@@ -79,14 +79,14 @@ def test_command_line_carries_the_row_settings_and_the_script_defaults(row_id, t
             assert args[key] == value, key
     assert job.epochs == defaults['epochs'] == 100
     assert args['resume'] == ''
-    resumed = vars(cli.build_parser(row.network).parse_args(job.argv(resume=True)[2:]))
+    resumed = vars(flags.build_parser(row.network).parse_args(job.argv(resume=True)[2:]))
     assert resumed['resume'] == job.checkpoint
 
 
 def test_quick_digits_and_pass_through_flags(tmp_path):
     jobs = reproduce.make_jobs([ROWS['mnist-conv-if-t30'], ROWS['fashion-mlp-lif-t5']], [0], str(tmp_path), 'D',
                                ['--lr', '0.2'], dataset='digits', quick=True)
-    conv, mlp = (vars(cli.build_parser(j.row.network).parse_args(j.argv()[2:])) for j in jobs)
+    conv, mlp = (vars(flags.build_parser(j.row.network).parse_args(j.argv()[2:])) for j in jobs)
     assert (conv['dataset'], conv['time_step'], mlp['dataset'], mlp['time_step']) == ('digits', 8, 'digits', 5)
     assert conv['epochs'] == mlp['epochs'] == jobs[0].epochs == 3
     assert conv['lr'] == 0.2 and conv['workers'] == 0 and conv['schedule'] == [2]

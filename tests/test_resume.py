@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests import fakedata
+from tools import fakedata
 from tests.conftest import cpu_bit_exact
-from utils import checkpoint
-from utils.io import CheckpointError
-from utils.train import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
+from utils.training import resume as checkpoint
+from utils.files import CheckpointError
+from utils.training.run import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['-j', '0', '-t', '2', '--threshold', '3', '--manualSeed', '7']

@@ -15,19 +15,20 @@ import signal
 import pytest
 import torch
 
-from tests.fakedata import make_mnist
+from tools.fakedata import make_mnist
 from tests.test_faults import (BEST, CKPT, LOG, TINY, copy_run, data_root, digest, fails, finish,  # noqa: F401
                                launch, log_rows, released, run_main, trained, wait_for)
-from utils import cli, engine, train
-from utils.checkpoint import BASE_COLUMNS
-from utils.io import load_checkpoint
-from utils.logger import as_written
+from utils import flags
+from utils.training import epoch as engine, run as train
+from utils.training.resume import BASE_COLUMNS
+from utils.checkpoint import load_checkpoint
+from utils.training.logger import as_written
 
 LOCK = '.lock'
 
 
 def spy(monkeypatch, name):
-    """Wrap utils.train.<name> (train_epoch or evaluate) to record the amp flag of each call; return the list."""
+    """Wrap utils.training.run.<name> (train_epoch or evaluate) to record the amp flag of each call; return the list."""
     real, seen = getattr(train, name), []
 
     def recorded(*args, **kwargs):
@@ -130,23 +131,23 @@ def test_two_gpu_ids_without_torchrun_point_to_torchrun(gpus, monkeypatch):
     """--gpu-id 0,1 in one process: one warning line naming torchrun; the mask keeps both GPUs, in order of
     an outer CUDA_VISIBLE_DEVICES."""
     gpus(2)
-    parser = cli.build_parser('fashion_mlp')
-    assert cli.select_gpus(parser, '0,1') == [
+    parser = flags.build_parser('fashion_mlp')
+    assert flags.select_gpus(parser, '0,1') == [
         'warning: --gpu-id 0,1: one process trains on one GPU, the first of them; '
         'launch torchrun --nproc_per_node=2 to train on all 2']
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '0,1'
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,7')
-    assert cli.select_gpus(parser, '1') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7'
+    assert flags.select_gpus(parser, '1') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7'
     # Under torchrun each process is given its GPUs this way: nothing to warn about.
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5,7')
     monkeypatch.setenv('WORLD_SIZE', '2')
-    assert cli.select_gpus(parser, '1,0') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7,5'
+    assert flags.select_gpus(parser, '1,0') == [] and os.environ['CUDA_VISIBLE_DEVICES'] == '7,5'
 
 
 def test_gpu_id_without_a_gpu_runs_on_the_cpu_and_says_so(gpus, data_root, tmp_path, capsys):
     """--gpu-id 3 where no GPU is: one warning line saying the run is on the CPU, and it trains there."""
     gpus(0)
-    assert cli.select_gpus(cli.build_parser('fashion_mlp'), '3') == [
+    assert flags.select_gpus(flags.build_parser('fashion_mlp'), '3') == [
         'warning: --gpu-id 3: no CUDA GPU is available here; running on the CPU']
     assert 'CUDA_VISIBLE_DEVICES' not in os.environ
     capsys.readouterr()
@@ -178,7 +179,7 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch, tmp_path):
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
     real_open = open
-    # A name in utils.engine shadows the builtin there alone; the cache is bypassed through __wrapped__.
+    # A name in utils.training.epoch shadows the builtin there alone; the cache is bypassed through __wrapped__.
     monkeypatch.setattr(engine, 'open', lambda path, *a, **k: real_open(
         cpuinfo if path == '/proc/cpuinfo' else path, *a, **k), raising=False)
     assert engine.native_bf16.__wrapped__() is native
@@ -363,7 +364,7 @@ def test_sweep_T_writes_one_accuracy_per_T_beside_the_checkpoint(trained, tmp_pa
     code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--sweep-T', '2'], capsys)
     assert (code, line) == (2, 'fashion_mlp.py: error: --sweep-T: needs -e --resume FILE, the checkpoint to measure')
     # Typed in any order, with repeats: one set of T (as get_rate.py takes it).
-    args, _, _ = cli.parse_args('fashion_mlp', ['-e', '--resume', 'x', '--sweep-T', '4', '2', '4'])
+    args, _, _ = flags.parse_args('fashion_mlp', ['-e', '--resume', 'x', '--sweep-T', '4', '2', '4'])
     assert args.sweep_T == [2, 4]
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from modules import build_model
-from tests import fakedata, nmnist_fakes
-from utils.cli import build_parser, neuron_line
-from utils.io import save_checkpoint
+from tests import nmnist_fakes
+from tools import fakedata
+from utils.flags import build_parser, neuron_line
+from utils.checkpoint import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ('mnist_conv', 'fashion_mlp', 'nmnist_conv', 'cifar_alexnetf', 'cifar_cifarnetf')

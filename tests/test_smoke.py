@@ -1,8 +1,8 @@
-"""`python -m utils.smoke` at a reduced size (tiny T and batch, one net per check), so that it keeps working."""
+"""`python -m tools.smoke` at a reduced size (tiny T and batch, one net per check), so that it keeps working."""
 import pytest
 import torch.distributed as dist
 
-from utils import smoke
+from tools import smoke
 
 REDUCED = ["--device", "cpu", "--nets", "mnist_conv", "--time-step", "2", "--batch", "2",
            "--resume-net", "fashion_mlp", "--resume-batch", "256", "--ddp-nets", "mnist_conv",

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from modules import build_model
 from tests.test_rates import HandClassifier, hand_net
-from utils.rates import evaluate_rates
-from utils.sops import EnergyCosts, OpCounts, SpikeCounter, fanout_map, network_links, sops_of, spike_links
+from utils.analysis.rates import evaluate_rates
+from utils.analysis.sops import EnergyCosts, OpCounts, SpikeCounter, fanout_map, network_links, sops_of, spike_links
 
 
 def spike_at(shape, *position):
@@ -132,7 +132,7 @@ def test_hand_net_sops_feedback_and_classifier(leak):
 
 
 class TinyClassifier(nn.Module):
-    """A tiny FeedbackSNN with a classifier, behind the interface utils.rates and utils.sops read."""
+    """A tiny FeedbackSNN with a classifier, behind the interface utils.analysis.rates and utils.analysis.sops read."""
 
     def __init__(self, snn, input_shape, state_shapes, num_classes=3):
         super().__init__()

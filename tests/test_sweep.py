@@ -1,4 +1,4 @@
-"""utils.sweep: test accuracy of a trained checkpoint at several T, and its JSON/CSV/PNG files."""
+"""utils.analysis.sweep: test accuracy of a trained checkpoint at several T, and its JSON/CSV/PNG files."""
 import csv
 import json
 import os
@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 import mnist_conv
 from modules import build_model
-from utils.data import digits_sets
-from utils.io import CheckpointError, load_checkpoint, normalize_state_dict
-from utils.sweep import sweep_accuracy, sweep_paths, sweep_prefix
+from utils.data.datasets import digits_sets
+from utils.checkpoint import load_checkpoint, normalize_state_dict
+from utils.files import CheckpointError
+from utils.analysis.sweep import sweep_accuracy, sweep_paths, sweep_prefix
 
 TRAINED_T = 4
 

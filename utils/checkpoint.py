@@ -1,321 +1,283 @@
-"""A training run's folder and how a run continues from a checkpoint: who owns a folder, what resumes where.
-
-Rules (README, "Nothing lost"):
-- A run owns its folder for its lifetime through an exclusive lock on
-  `.lock` (released by the operating system when the process dies, so a
-  stale lock file never blocks a resume).
-- A new run needs a folder without a run. A resumed run continues in its
-  checkpoint's folder only when the checkpoint's history (the log rows it
-  carries) matches the folder's log; a checkpoint from an earlier epoch than
-  the folder's last (model_best) continues there only with --rewind, which
-  keeps the abandoned epochs aside; anything else continues with -c elsewhere.
-- A checkpoint of the paper's release continues in its own folder only if no
-  log or other checkpoint is there.
-- The flags not typed are taken from the checkpoint; a flag typed wins, the
-  optimizer's saved hyperparameters included.
-"""
-import fcntl
-import math
+"""The checkpoint file: its names, saving it whole, loading it safely, fitting it to a network, RNG state."""
+import collections
+import io
 import os
 import random
-import sys
+import re
+import zipfile
 
 import numpy as np
 import torch
 
-from utils import distributed
-from utils.engine import RunError, hyperparameters
-from utils.io import (BEST_NAME, CheckpointError, make_writable_folder, rng_state, save_checkpoint, set_rng_state,
-                      stale_temporaries)
-from utils.logger import Logger, as_written
+from modules.release import from_release, is_release_layout
+from utils.files import CheckpointError, _cannot_write, _reason, atomic_write, atomic_write_all
 
+# The files of a run folder.
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
+BEST_NAME = 'model_best.pth.tar'
 LOG_NAME = 'log.txt'
 PLOT_NAME = 'log.png'
 LOCK_NAME = '.lock'
-BASE_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.', 'Skipped']
-# What each optimizer keeps per parameter: a saved state with anything else was made by another optimizer.
-OPTIMIZER_STATE = {'SGD': {'momentum_buffer'}, 'Adam': {'step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'}}
+
+# Types that torch.load(weights_only=True) rebuilds; numpy scalars and
+# argparse.Namespace are refused there, so they are refused at save time too.
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_MAPPING_TYPES = (dict, collections.OrderedDict, collections.Counter)
+_SEQUENCE_TYPES = (list, tuple, torch.Size)
 
 
-def log_columns(diagnostics):
-    """The log's columns: the paper's, skipped steps, then the equilibrium diagnostics."""
-    return BASE_COLUMNS + list(diagnostics)
+def _first_unsafe(obj, where):
+    """(location, type name) of the first value weights_only loading would refuse, else None."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_TYPES:
+        return None
+    if type(obj) in _MAPPING_TYPES:
+        for key, value in obj.items():
+            found = _first_unsafe(key, where) or _first_unsafe(value, f'{where}[{key!r}]')
+            if found:
+                return found
+        return None
+    if type(obj) in _SEQUENCE_TYPES:
+        for i, value in enumerate(obj):
+            found = _first_unsafe(value, f'{where}[{i}]')
+            if found:
+                return found
+        return None
+    return where, f'{type(obj).__module__}.{type(obj).__qualname__}'
 
 
-# ------------------------------------------------------------------ the folder
-
-class FolderLock:
-    """An exclusive lock on folder/.lock for as long as the run lives; a second run there is refused.
-
-    The file holds the owner's PID and is removed on release; a process killed
-    outright leaves it behind, unlocked, and the next run simply takes it.
-    """
-
-    def __init__(self, folder):
-        """Take the lock (creating the folder), or raise RunError naming the process that holds it."""
-        self.created = not os.path.isdir(folder)
-        make_writable_folder(folder)
-        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
-        while True:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(self.fd, 64).decode(errors='replace').strip() or 'unknown'
-                os.close(self.fd)
-                raise RunError(f'{folder} is in use by another run (PID {holder}); wait for it to end, '
-                               f'or choose another folder with -c') from None
-            # The previous owner may have removed the file between our open and our lock: take a fresh one.
-            if self._still_linked():
-                break
-            os.close(self.fd)
-        try:
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, f'{os.getpid()}\n'.encode())
-        except OSError:
-            pass  # a full disk: the lock holds all the same, only the holder's PID goes unnamed
-
-    def _still_linked(self):
-        """True when the locked descriptor is still the file at self.path."""
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
-        except FileNotFoundError:
-            return False
-
-    def release(self):
-        """Let another run have the folder; remove it again if this run created it and wrote nothing there."""
-        if self.fd is None:
-            return
-        os.remove(self.path)  # while still locked, so that no one else holds this file
-        if self.created and not os.listdir(self.folder):
-            os.rmdir(self.folder)
-        os.close(self.fd)  # closing the descriptor releases the flock
-        self.fd = None
-
-
-def remove_stale_temporaries(folder, say):
-    """Delete the temporary files that a killed save of this run's files left in folder, and say so."""
-    stale = stale_temporaries(folder, (CHECKPOINT_NAME, BEST_NAME, LOG_NAME, PLOT_NAME))
-    for path in stale:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-    if stale:
-        say(f'Removed {len(stale)} temporary file(s) left in {folder} by an interrupted save')
-
-
-def same_file(a, b):
-    """True when paths a and b name one existing file or folder."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def refuse_existing_run(folder, names=(LOG_NAME, CHECKPOINT_NAME, BEST_NAME), keep=None):
-    """Raise RunError if a run would write over the log or checkpoints of another run in folder.
-
-    Only the files in names count, and never the file keep (the checkpoint being resumed).
-    """
-    found = [name for name in names if os.path.exists(os.path.join(folder, name))
-             and not (keep and same_file(os.path.join(folder, name), keep))]
+def _refuse_unsafe(obj, path):
+    """Raise CheckpointError if weights_only loading would refuse something in obj."""
+    # Refused before writing: such a checkpoint would only fail later, when a run resumes.
+    found = _first_unsafe(obj, 'state')
     if found:
-        raise RunError(f'{folder} already holds a run ({", ".join(found)}): continue it with '
-                       f'--resume {os.path.join(folder, CHECKPOINT_NAME)}, or choose another folder with -c')
+        where, type_name = found
+        raise CheckpointError(f'cannot write {os.fspath(path)}: {where} is of type {type_name}, '
+                              f'which weights_only loading refuses (store plain numbers, lists, '
+                              f'dicts or tensors)')
 
 
-def read_log(folder, columns):
-    """The rows of folder's log ([] when there is none); RunError if it is not a log of this project."""
-    path = os.path.join(folder, LOG_NAME)
+def atomic_save(obj, path):
+    """torch.save obj to path atomically; on failure the old file stays, CheckpointError is raised."""
+    _refuse_unsafe(obj, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+
+def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME):
+    """Save state atomically as folder/filename, also as model_best.pth.tar if is_best; return the path.
+
+    Both files are written in full before either is replaced, the best one
+    first: a failure leaves both old files, and a checkpoint never records a
+    best accuracy whose model is not on disk.
+    """
+    path = os.path.join(folder, filename)
+    _refuse_unsafe(state, path)
+    data = io.BytesIO()
+    try:
+        torch.save(state, data)
+    except Exception as exc:
+        raise _cannot_write(path, exc) from exc
+
+    def write(f):
+        f.write(data.getbuffer())
+
+    best = [(os.path.join(folder, BEST_NAME), write)] if is_best else []
+    atomic_write_all(best + [(path, write)])
+    return path
+
+
+def _format_problem(path):
+    """Why path cannot be a torch file judging by its bytes, or None if it may be one."""
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if not head:
+        return 'the file is empty'
+    # torch >= 1.6 writes a zip archive; a cut-off one lacks the closing directory record.
+    if head.startswith(b'PK'):
+        return None if zipfile.is_zipfile(path) else 'incomplete zip archive'
+    # The legacy format is a pickle stream, which starts with the PROTO opcode.
+    if head.startswith(b'\x80'):
+        return None
+    return f'unknown format (starts with {head!r})'
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint dict with weights_only=True; CheckpointError (one line) if it is unusable."""
+    path = os.fspath(path)
     if not os.path.exists(path):
-        return []
+        raise CheckpointError(f'no checkpoint found at {path}')
     try:
-        logger = Logger(path, resume=True)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunError(f'cannot read {path}: {exc}') from exc
-    if logger.names != columns[:len(logger.names)] or len(logger.names) < len(BASE_COLUMNS):
-        raise RunError(f'{path} does not start with the header line of this project\'s log '
-                       f'({", ".join(columns[:3])}, ...): move it aside or continue with -c in another folder')
-    # A log of an earlier version lacks the later columns: nan there, as saved_log pads a checkpoint's rows.
-    return [row + [math.nan] * (len(columns) - len(row)) for row in logger.rows()]
-
-
-def check_folder(folder, resume, ckpt, columns, rewind=False):
-    """Refuse a training run's folder if writing there would overwrite or mix up another run's files.
-
-    Returns the number of the folder's log rows that --rewind abandons (0 otherwise).
-    """
-    logged = read_log(folder, columns)
-    if not resume or not same_file(folder, os.path.dirname(os.path.abspath(resume))):
-        refuse_existing_run(folder)
-        return 0
-    if is_foreign(ckpt):
-        refuse_existing_run(folder, keep=resume)
-        return 0
-    history = saved_log(ckpt, len(columns))
-    if not history:
-        return 0  # a checkpoint written before checkpoints carried their history: nothing to compare
-    common = min(len(logged), len(history))
-    if [as_written(r) for r in logged[:common]] != [as_written(r) for r in history[:common]]:
-        raise RunError(f'{resume} is not the run logged in {folder} (their epochs differ): it was copied from '
-                       f'another run; continue it in a folder of its own with -c')
-    if len(logged) > len(history):
-        if not rewind:
-            raise RunError(f'{resume} is epoch {len(history)}, but the run in {folder} went on to epoch '
-                           f'{len(logged)}: resume {os.path.join(folder, CHECKPOINT_NAME)}, continue in another '
-                           f'folder with -c, or pass --rewind to continue here from epoch {len(history)} '
-                           f'(the later epochs are kept aside)')
-        return len(logged) - len(history)
-    return 0
-
-
-def set_aside_abandoned(folder, last_epoch):
-    """Rename the log and checkpoint of epochs abandoned by --rewind so that nothing is lost; return the names."""
-    kept = []
-    for name, aside in ((LOG_NAME, f'log.abandoned-epoch{last_epoch}.txt'),
-                        (CHECKPOINT_NAME, f'checkpoint.abandoned-epoch{last_epoch}.pth.tar')):
-        source, target = os.path.join(folder, name), os.path.join(folder, aside)
-        if os.path.exists(source):
-            if os.path.exists(target):
-                raise RunError(f'{target} exists already (an earlier --rewind); move it aside first')
-            os.replace(source, target)
-            kept.append(aside)
-    return kept
-
-
-# -------------------------------------------------------------- checkpoints
-
-def is_foreign(ckpt):
-    """True for a checkpoint with an epoch but without this project's iteration and RNG state (the paper's release)."""
-    return 'epoch' in ckpt and 'iteration' not in ckpt and 'rng' not in ckpt
-
-
-def check_resumable(ckpt, path):
-    """Raise CheckpointError unless ckpt holds this project's training state, or is a foreign one with an epoch."""
-    missing = [key for key in ('epoch', 'optimizer', 'iteration', 'rng') if key not in ckpt]
-    if missing and not is_foreign(ckpt):
-        raise CheckpointError(f'{path} has no training state of this project ({", ".join(missing)} missing); '
-                              f'it can only be evaluated with -e')
-
-
-def saved_log(ckpt, width):
-    """The log rows a checkpoint carries, padded with nan to width columns ([] for none or an unusable entry)."""
-    rows = ckpt.get('log') if ckpt is not None else None
-    if not isinstance(rows, list) or not all(
-            isinstance(row, list) and len(BASE_COLUMNS) <= len(row) <= width
-            and all(isinstance(v, (int, float)) for v in row) for row in rows):
-        return []
-    return [[float(v) for v in row] + [math.nan] * (width - len(row)) for row in rows]
-
-
-def apply_flags(optimizer, args):
-    """Give every parameter group the hyperparameters of the flags (a typed flag wins over a saved state)."""
-    for group in optimizer.param_groups:
-        group.update(hyperparameters(args))
-
-
-def restore_training(ckpt, path, optimizer, args, ctx):
-    """Load the optimizer and this process's RNG state; return (next epoch, global iteration, best accuracy)."""
+        problem = _format_problem(path)
+    except OSError as exc:
+        raise CheckpointError(f'cannot read {path}: {_reason(exc)}') from exc
+    unreadable = f'{path} is not a readable checkpoint (truncated or not a torch file)'
+    if problem:
+        raise CheckpointError(f'{unreadable}: {problem}')
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f'{path}: optimizer state does not fit this run ({exc}); '
-                              f'was it saved with another --optimizer?') from exc
-    apply_flags(optimizer, args)
-    states = ckpt['rng']
-    if ctx.rank < len(states):
-        set_rng_state(states[ctx.rank])
-    else:
-        # More processes than when it was saved: the newcomers get fresh, distinct streams.
-        seed_everything(ckpt['seed'] + ctx.rank + ckpt['epoch'] * ctx.world_size)
-    return ckpt['epoch'], ckpt['iteration'], ckpt['best_acc']
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        refused = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(exc))
+        if refused:
+            raise CheckpointError(f'{path} holds an object of type {refused.group(1)}, which '
+                                  f'weights_only loading refuses; re-save it with plain types') from exc
+        raise CheckpointError(f'{unreadable}: {_reason(exc)}') from exc
+    _require_state_dict(ckpt, path)
+    return ckpt
 
 
-def optimizer_mismatch(optimizer, saved):
-    """Why the optimizer state `saved` does not fit `optimizer`, or None if it does.
-
-    It fits when it has the same groups and parameter counts, and each
-    parameter's state holds only what this optimizer keeps, shaped like the parameter.
-    """
-    kept = OPTIMIZER_STATE[type(optimizer).__name__]
-    try:
-        groups, states = saved['param_groups'], saved['state']
-        if [len(g['params']) for g in groups] != [len(g['params']) for g in optimizer.param_groups]:
-            return 'other parameter groups'
-        for group, own in zip(groups, optimizer.param_groups):
-            for index, param in zip(group['params'], own['params']):
-                state = states.get(index, {})
-                if not set(state) <= kept:
-                    return f'it holds {", ".join(sorted(set(state) - kept))}, not {type(optimizer).__name__} state'
-                if any(torch.is_tensor(v) and v.dim() and v.shape != param.shape for v in state.values()):
-                    return 'other parameter shapes'
-    except (KeyError, TypeError, AttributeError):
-        return 'not an optimizer state'
-    return None
+def _require_state_dict(ckpt, source):
+    """Raise CheckpointError unless ckpt is a dict with a 'state_dict' entry."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{source} is not a checkpoint: it holds a {type(ckpt).__name__}, '
+                              f"not a dict with 'state_dict'")
+    if 'state_dict' not in ckpt:
+        keys = ', '.join(str(k) for k in list(ckpt)[:5])
+        raise CheckpointError(f"{source} has no 'state_dict' entry (it has: {keys or 'nothing'})")
 
 
-def restore_foreign(ckpt, path, optimizer, batches, seed, ctx, say):
-    """Load what a checkpoint of the paper's release holds; return (next epoch, global iteration, best accuracy).
-
-    The optimizer state is taken if it fits (this run's flags keep their
-    hyperparameters); the iteration is epoch × batches per epoch; the random
-    generators start afresh from seed, since the file has no RNG state.
-    """
-    epoch = int(ckpt['epoch'])
-    saved = ckpt.get('optimizer')
-    why = 'none in the file' if saved is None else optimizer_mismatch(optimizer, saved)
-    if why is None:
-        flags = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-        optimizer.load_state_dict(saved)
-        for group, own in zip(optimizer.param_groups, flags):
-            group.update(own)
-    else:
-        say(f'warning: {path}: optimizer state not used ({why}); starting from a fresh one', file=sys.stderr)
-    say(f'warning: {path} holds no random-number state (not saved by this project); '
-        f'fresh streams from --manualSeed {seed}', file=sys.stderr)
-    seed_everything(seed + ctx.rank)
-    best = ckpt.get('best_acc', ckpt.get('acc'))
-    return epoch, epoch * batches, None if best is None else float(best)
+def rng_state():
+    """The state of python's random, numpy's global RNG, torch's CPU RNG and each CUDA device's."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'python': {'version': version, 'state': list(internal), 'gauss_next': gauss},
+        # numpy's state is a tuple holding an ndarray, which weights_only loading refuses.
+        'numpy': {'name': str(name), 'keys': torch.from_numpy(keys.astype(np.int64)),
+                  'pos': int(pos), 'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def seed_everything(seed):
-    """Seed python's, numpy's and torch's (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def set_rng_state(state):
+    """Restore what rng_state() returned; CUDA states are restored only where CUDA is available."""
+    py = state['python']
+    random.setstate((py['version'], tuple(py['state']), py['gauss_next']))
+    npy = state['numpy']
+    np.random.set_state((npy['name'], npy['keys'].cpu().numpy().astype(np.uint32), npy['pos'],
+                         npy['has_gauss'], npy['cached_gaussian']))
+    # .cpu(): a checkpoint loaded with map_location='cuda' carries these as CUDA tensors.
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        for device, device_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), device)
 
 
-def save_state(state, is_best, folder, ctx, device):
-    """Rank 0 saves; every process learns whether it worked and raises the same error if not."""
-    error = None
-    if ctx.is_main:
+def _strip_module(key):
+    """Drop the 'module.' prefix that DataParallel / DistributedDataParallel add."""
+    return key[len('module.'):] if key.startswith('module.') else key
+
+
+
+
+def normalize_state_dict(sd):
+    """A new state_dict with this project's keys (from its own or the paper's layout), on the CPU."""
+    stripped = {_strip_module(k): v for k, v in sd.items()}
+    if is_release_layout(stripped):
         try:
-            save_checkpoint(state, is_best, folder, CHECKPOINT_NAME)
-        except CheckpointError as exc:
-            error = exc
-    (failed,) = distributed.any_all([error is not None], ctx, device)
-    if failed:
-        raise error or RunError('rank 0 could not write the checkpoint')
-    return os.path.join(folder, CHECKPOINT_NAME)
+            stripped = from_release(stripped)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in stripped.items()}
 
 
-def training_state(arch, model, optimizer, model_args, args, ctx, *, epoch, iteration, acc, best_acc, history):
-    """What a checkpoint of this project holds after `epoch` epochs (loadable with weights_only=True)."""
-    # The checkpoint carries the log's rows: a resumed run restores a row that a stop
-    # between the checkpoint's save and the log's write lost.
-    return dict(epoch=epoch, arch=arch, model_args=model_args, log=history,
-                state_dict=distributed.unwrap(model).state_dict(), acc=acc, best_acc=best_acc,
-                optimizer=optimizer.state_dict(), iteration=iteration, seed=args.manualSeed,
-                rng=distributed.gather(rng_state(), ctx), args=dict(vars(args)))
+def _spiking_layers(keys):
+    """Number of spiking layers a state_dict describes: one plus the hidden layers snn.layers.{i}."""
+    hidden = {m.group(1) for m in (re.match(r'snn\.layers\.(\d+)\.', k) for k in keys) if m}
+    return 1 + len(hidden)
 
 
-def open_log(folder, title, columns):
-    """The run's Logger in folder with the given columns (appending to a log already there)."""
-    try:
-        logger = Logger(os.path.join(folder, LOG_NAME), title=title, resume=True)
-        logger.set_names(columns)
-    except (ValueError, FileExistsError) as exc:
-        raise RunError(str(exc)) from exc
-    return logger
+def _shape(value):
+    """A tensor's shape written as a tuple, e.g. (10, 16384)."""
+    return str(tuple(getattr(value, 'shape', ())))
+
+
+def _shape_hint(key, ckpt_shape, model_shape):
+    """A guess at why key's shape differs, for the one-line message."""
+    if key != 'classifier.weight' or len(ckpt_shape) != 2 or len(model_shape) != 2:
+        return ''
+    if ckpt_shape[0] != model_shape[0]:
+        return ' (another class count?)'
+    return ' (another input size or padding?)'
+
+
+def _name_some(keys, count=3):
+    """The first count keys, comma-separated, plus how many more there are."""
+    keys = sorted(keys)
+    more = f' (+{len(keys) - count} more)' if len(keys) > count else ''
+    return ', '.join(keys[:count]) + more
+
+
+def check_compatible(model_sd, ckpt_sd):
+    """Raise CheckpointError (one line) unless ckpt_sd has exactly model_sd's keys and shapes."""
+    prefix = 'checkpoint does not fit this network: '
+    missing = set(model_sd) - set(ckpt_sd)
+    unexpected = set(ckpt_sd) - set(model_sd)
+    if missing or unexpected:
+        ckpt_layers, model_layers = _spiking_layers(ckpt_sd), _spiking_layers(model_sd)
+        if ckpt_layers != model_layers:
+            raise CheckpointError(f"{prefix}checkpoint has {ckpt_layers} spiking layers' keys, "
+                                  f'this network {model_layers} — another architecture?')
+        parts = []
+        if missing:
+            parts.append(f'missing {_name_some(missing)}')
+        if unexpected:
+            parts.append(f'unexpected {_name_some(unexpected)}')
+        raise CheckpointError(prefix + '; '.join(parts))
+    for key, value in model_sd.items():
+        ckpt_shape = tuple(getattr(ckpt_sd[key], 'shape', ()))
+        model_shape = tuple(getattr(value, 'shape', ()))
+        if ckpt_shape != model_shape:
+            hint = _shape_hint(key, ckpt_shape, model_shape)
+            raise CheckpointError(f'{prefix}{key} is {_shape(ckpt_sd[key])} in the checkpoint, '
+                                  f'{_shape(value)} here{hint}')
+
+
+def _comparable(value):
+    """value with tuples turned into lists, so a saved (a, b) equals an argparse [a, b]."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _describe(arch, args):
+    """'arch (k=v, ...)' for the mismatch message."""
+    listed = ', '.join(f'{k}={v}' for k, v in args.items())
+    return f'{arch} ({listed})' if listed else str(arch)
+
+
+def _check_arch(ckpt, expected_arch, expected_args):
+    """Raise CheckpointError if the checkpoint's arch/model_args differ from the expected ones."""
+    saved_arch = ckpt.get('arch')
+    saved_args = ckpt.get('model_args') or {}
+    expected_args = expected_args or {}
+    # Only what both sides state: the paper's checkpoints carry neither, and an argument
+    # added later must not make older checkpoints unusable.
+    arch_differs = None not in (saved_arch, expected_arch) and saved_arch != expected_arch
+    differing = [k for k in expected_args if k in saved_args
+                 and _comparable(saved_args[k]) != _comparable(expected_args[k])]
+    if not arch_differs and not differing:
+        return
+    name = saved_arch or expected_arch or 'a network'
+    saved = _describe(saved_arch or name, {k: saved_args[k] for k in differing})
+    expected = _describe(expected_arch or name, {k: expected_args[k] for k in differing})
+    raise CheckpointError(f'checkpoint is for {saved}, this run builds {expected}')
+
+
+def load_into_model(model, path_or_dict, map_location='cpu', expected_arch=None,
+                    expected_args=None):
+    """Load a checkpoint (path or dict) into model (DDP-wrapped or not) if it fits; return it."""
+    if isinstance(path_or_dict, dict):
+        ckpt = path_or_dict
+        _require_state_dict(ckpt, 'the checkpoint')
+    else:
+        ckpt = load_checkpoint(path_or_dict, map_location=map_location)
+    _check_arch(ckpt, expected_arch, expected_args)
+    state_dict = normalize_state_dict(ckpt['state_dict'])
+    target = getattr(model, 'module', model)
+    check_compatible(target.state_dict(), state_dict)
+    target.load_state_dict(state_dict)
+    return ckpt
+

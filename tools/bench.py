@@ -1,4 +1,4 @@
-"""Training-step benchmark of the paper's nets: `python -m utils.bench`.
+"""Training-step benchmark of the paper's nets: `python -m tools.bench`.
 
 A training step (DESIGN.md §3) is split into four parts, each timed alone
 (a warm-up step first, then the median of `--repeats` runs):
@@ -324,7 +324,7 @@ def constraint_lines(rows):
 
 
 def add_measurement_flags(p):
-    """The flags of how a training step is measured, shared with utils.compare."""
+    """The flags of how a training step is measured, shared with tools.compare."""
     p.add_argument("--batch", type=int, default=None,
                    help="batch size of every net (default: 32 on CUDA; per net on the CPU: "
                         + ", ".join(f"{k} {v}" for k, v in CPU_BATCH.items()) + ")")
@@ -336,7 +336,7 @@ def add_measurement_flags(p):
 
 def parse_args(argv=None):
     """The command-line flags."""
-    p = argparse.ArgumentParser(prog="python -m utils.bench", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])

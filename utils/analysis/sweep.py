@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from modules import build_model, is_leaky
-from utils.engine import evaluate
-from utils.io import (atomic_write, atomic_write_text, checkpoint_stem, make_writable_folder,
-                      refuse_existing_files)
+from utils.training.epoch import evaluate
+from utils.files import atomic_write, atomic_write_text, checkpoint_stem, make_writable_folder, refuse_existing_files
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
@@ -120,7 +119,7 @@ def sweep_accuracy(arch, model_args, state_dict, test_loader_for_T, time_steps, 
 
     arch: a name of modules.ARCHITECTURES; model_args: build_model's keyword
     arguments (those a checkpoint stores; its time_step is replaced by each T);
-    state_dict: this project's keys (utils.io.normalize_state_dict turns the
+    state_dict: this project's keys (utils.checkpoint.normalize_state_dict turns the
     paper's release into them); test_loader_for_T(T): the test loader for T
     (spike input is binned into T frames; static input may return one loader
     for every T). Existing files are refused (CheckpointError) before anything

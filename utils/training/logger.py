@@ -4,7 +4,7 @@ import os
 
 from matplotlib.figure import Figure
 
-from utils.io import append_line, atomic_write, atomic_write_text
+from utils.files import append_line, atomic_write, atomic_write_text
 
 DEFAULT_NAMES = ('Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.')
 

@@ -1,5 +1,5 @@
-"""Print the neurons and learnable parameters of the paper's nets: `python -m modules.counts`."""
-from .models import ARCHITECTURES, build_model
+"""Print the neurons and learnable parameters of the paper's nets: `python -m tools.counts`."""
+from modules import ARCHITECTURES, build_model
 
 
 def count_rows():

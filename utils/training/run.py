@@ -19,16 +19,19 @@ import torch
 from torch import nn
 
 from modules import ARCHITECTURES, NETS, build_model, precision
-from utils import cli, distributed, sweep
-from utils.checkpoint import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
+from utils import flags
+from utils.analysis import sweep
+from utils.training import distributed
+from utils.training.resume import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
                               remove_stale_temporaries, restore_foreign, restore_training, save_state, saved_log,
                               seed_everything, set_aside_abandoned, training_state, PLOT_NAME)
-from utils.console import error, warn
-from utils.data import DataError, build_loaders, get_datasets
-from utils.engine import (DIAGNOSTICS, FaultGuard, RunError, TooManyFaults, evaluate, get_lr, make_optimizer,
+from utils.training.console import error, warn
+from utils.data.datasets import DataError, build_loaders, get_datasets
+from utils.training.epoch import (DIAGNOSTICS, FaultGuard, RunError, TooManyFaults, evaluate, get_lr, make_optimizer,
                           native_bf16, train_epoch)
-from utils.io import CheckpointError, load_checkpoint, load_into_model
-from utils.logger import StepLog
+from utils.checkpoint import load_checkpoint, load_into_model
+from utils.files import CheckpointError
+from utils.training.logger import StepLog
 
 __all__ = ['run', 'main', 'train_epoch', 'get_lr', 'FaultGuard', 'StopRequest', 'TooManyFaults', 'RunError']
 
@@ -170,7 +173,7 @@ def evaluate_only(state, model, ckpt):
 
     rows = sweep.sweep_accuracy(state.arch, state.model_args, model.state_dict(), test_loader_for, args.sweep_T,
                                 state.device, prefix, amp=args.amp, overwrite=args.overwrite)
-    say(f'Test accuracy as a function of T ({cli.neuron_line(args.leaky)})')
+    say(f'Test accuracy as a function of T ({flags.neuron_line(args.leaky)})')
     say(sweep.format_rows(rows))
     say('Wrote ' + ', '.join(sweep.sweep_paths(prefix).values()))
     return dict(loss=loss, acc=top1, sweep=rows)
@@ -181,11 +184,11 @@ def adopt_checkpoint_flags(arch, args, explicit, ckpt, say):
     saved_arch = ckpt.get('arch')
     if saved_arch is not None and saved_arch != arch:
         raise CheckpointError(f'{args.resume} holds a {saved_arch} network, {NETS[arch].script} builds {arch}')
-    taken, overridden = cli.adopt_saved_flags(args, explicit, ckpt.get('args'))
+    taken, overridden = flags.adopt_saved_flags(args, explicit, ckpt.get('args'))
     if taken:
-        say(f'From the checkpoint: {cli.flag_changes(taken)}')
+        say(f'From the checkpoint: {flags.flag_changes(taken)}')
     if overridden:
-        say(f'Typed flags override the checkpoint\'s: {cli.flag_changes(overridden)}')
+        say(f'Typed flags override the checkpoint\'s: {flags.flag_changes(overridden)}')
 
 
 def start_up(args, ctx, say):
@@ -202,7 +205,7 @@ def start_up(args, ctx, say):
                  'convolutions run tens of times slower than float32; running in float32')
         args.amp = False
     precision.allow_tf32(args.tf32)
-    say(cli.neuron_line(args.leaky))
+    say(flags.neuron_line(args.leaky))
     say(device_line(device, ctx, args.train_batch))
     say(f'Seed: {args.manualSeed}')
     return device
@@ -361,7 +364,7 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_lo
 
 
 def log_row(stats, test_loss, test_top1):
-    """One epoch's log row, in the order of utils.checkpoint.log_columns."""
+    """One epoch's log row, in the order of utils.training.resume.log_columns."""
     row = [stats['lr'], stats['loss'], test_loss, stats['top1'], test_top1, stats['skipped']]
     return [float(v) for v in row + [stats['diagnostics'][column] for column in DIAGNOSTICS]]
 
@@ -388,7 +391,7 @@ def run(arch, argv=None, description=None):
     training exit with 130/143 after saying how to resume.
     """
     prog = NETS[arch].script
-    args, explicit, notes = cli.parse_args(arch, argv, description)
+    args, explicit, notes = flags.parse_args(arch, argv, description)
     try:
         ctx = distributed.init_from_env(timeout=datetime.timedelta(minutes=args.dist_timeout))
     except distributed.DistributedError as exc:

@@ -254,7 +254,7 @@ def _split_files(split_dir):
         counts = " and ".join(f"{len(found[fmt])} {suffix}" for fmt, suffix in FORMAT_SUFFIX.items())
         raise ValueError(
             f"{split_dir} holds both {counts} files (a conversion in place?); keep one format per split:"
-            " convert with `python -m utils.nmnist_convert RAW_DIR OUT_DIR` into another folder and read that"
+            " convert with `python -m utils.data.nmnist_convert RAW_DIR OUT_DIR` into another folder and read that"
         )
     for fmt, files in found.items():
         if files:
@@ -273,7 +273,7 @@ def _refuse_unfinished_conversion(root):
         raw_dir = "RAW_DIR"
     raise ValueError(
         f"the conversion into {root} did not finish ({UNFINISHED_MARKER} is there), so some files are missing;"
-        f" complete it with `python -m utils.nmnist_convert {raw_dir} {root} --resume`"
+        f" complete it with `python -m utils.data.nmnist_convert {raw_dir} {root} --resume`"
     )
 
 

@@ -1,6 +1,6 @@
 """Convert the raw N-MNIST release to the paper's text layout, without MATLAB.
 
-    python -m utils.nmnist_convert RAW_DIR OUT_DIR [-j N] [--resume]
+    python -m utils.data.nmnist_convert RAW_DIR OUT_DIR [-j N] [--resume]
 
 RAW_DIR holds `Train|Test/<digit>/<nnnnn>.bin` (lowercase split names are
 accepted too); OUT_DIR receives `Train|Test/<digit>/<k>.dat`, k = 1, 2, ...
@@ -23,7 +23,8 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from utils import io, nmnist
+from utils import files
+from utils.data import nmnist
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -108,7 +109,7 @@ def convert_file(pair):
     """Convert one .bin file to its .dat file, written atomically (a temporary renamed when complete)."""
     src, dst = pair
     text = nmnist.convert_bin(src)
-    io.atomic_write(dst, lambda f: f.write(text.encode("ascii")))
+    files.atomic_write(dst, lambda f: f.write(text.encode("ascii")))
 
 
 def convert_tree(raw_dir, out_dir, jobs=1, progress=None, resume=False):
@@ -121,7 +122,7 @@ def convert_tree(raw_dir, out_dir, jobs=1, progress=None, resume=False):
         _remove_temporaries(folders)
         if todo:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            io.atomic_write_text(marker, f"{Path(raw_dir).resolve()}\n")
+            files.atomic_write_text(marker, f"{Path(raw_dir).resolve()}\n")
             for folder in sorted({dst.parent for _, dst in todo}):
                 folder.mkdir(parents=True, exist_ok=True)
             _convert_all(todo, jobs, progress)
@@ -159,7 +160,7 @@ def _targets_by_folder(pairs):
 def _remove_temporaries(folders):
     """Delete the temporaries a stopped write of a target file left behind."""
     for folder, names in folders.items():
-        for path in io.stale_temporaries(folder, names):
+        for path in files.stale_temporaries(folder, names):
             Path(path).unlink(missing_ok=True)
 
 
@@ -199,14 +200,14 @@ def _interrupted_message(args):
     jobs = f" -j {args.jobs}" if args.jobs > 1 else ""
     return (
         f"nmnist_convert: interrupted; {got}; continue with:"
-        f" python -m utils.nmnist_convert {args.raw_dir} {args.out_dir}{jobs} --resume"
+        f" python -m utils.data.nmnist_convert {args.raw_dir} {args.out_dir}{jobs} --resume"
     )
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.nmnist_convert",
+        prog="python -m utils.data.nmnist_convert",
         description="Convert raw N-MNIST .bin files to the paper's text .dat layout"
         " (2312 channels, 3000 us bins, stabilised).",
     )
@@ -229,7 +230,7 @@ def main(argv=None):
     except Interrupted as stop:
         print(_interrupted_message(args), file=sys.stderr)
         return 128 + stop.signum
-    except (ConvertError, io.CheckpointError, ValueError, OSError) as err:
+    except (ConvertError, files.CheckpointError, ValueError, OSError) as err:
         print(f"nmnist_convert: error: {err}", file=sys.stderr)
         return 1
     finally:

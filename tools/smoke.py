@@ -1,4 +1,4 @@
-"""Check that training works on this machine's device: `python -m utils.smoke [--device cuda|cpu]`.
+"""Check that training works on this machine's device: `python -m tools.smoke [--device cuda|cpu]`.
 
 Four kinds of check, each printing one PASS/FAIL line, then a summary table;
 the exit code is 1 if any check failed:
@@ -16,7 +16,7 @@ the exit code is 1 if any check failed:
 - ddp: two processes (torchrun, Gloo on CPUs; NCCL with --sync-bn when two
   GPUs are visible) take three steps of mnist_conv and alexnetf on small fake
   data sets and end with equal parameters;
-- bench: `utils.bench` rows of mnist_conv and alexnetf at T = 30 and 100.
+- bench: `tools.bench` rows of mnist_conv and alexnetf at T = 30 and 100.
 """
 import argparse
 import contextlib
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import NETS, build_model, precision
-from utils import bench
+from tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
@@ -60,7 +60,7 @@ import importlib, os, sys
 repo, script, out = sys.argv[1:4]
 sys.path.insert(0, repo)
 import torch
-from utils import distributed
+from utils.training import distributed
 nets, real_wrap = [], distributed.wrap
 def wrap(model, *args, **kwargs):
     nets.append(model)
@@ -251,7 +251,7 @@ def evaluate_on_cpu(name, checkpoint, device, folder):
 # ------------------------------------------------------------------------------ ddp
 def fake_data(name, root, n_train, n_test):
     """A small fake data set in the real format for net `name`: (--dataset, --path)."""
-    from tests import fakedata  # the suite's writers of MNIST/CIFAR files; only this check needs them
+    from tools import fakedata
     if name == "alexnetf":
         fakedata.make_cifar(root, n_train=n_train, n_test=n_test)
         return "cifar10", root
@@ -289,7 +289,7 @@ def ddp_check(name, device, time_step, batch, threshold, steps, folder):
 
 # ------------------------------------------------------------------------------ bench
 def bench_check(device, time_steps, batch, nets=DDP_NETS):
-    """utils.bench rows for nets at time_steps: (ok, detail, rows); every number finite, memory flat in T."""
+    """tools.bench rows for nets at time_steps: (ok, detail, rows); every number finite, memory flat in T."""
     rows = [bench.measure(name, t, batch or bench.batch_size(argparse.Namespace(batch=None, device=device), name),
                           device, repeats=1) for name in nets for t in time_steps]
     finite = all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
@@ -303,7 +303,7 @@ def bench_check(device, time_steps, batch, nets=DDP_NETS):
 # ------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     """The command-line flags."""
-    p = argparse.ArgumentParser(prog="python -m utils.smoke", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.smoke", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--ddp-steps", type=int, default=3)
     p.add_argument("--bench-nets", nargs="+", choices=bench.BENCH_NETS, default=list(DDP_NETS))
     p.add_argument("--bench-time-steps", nargs="+", type=int, default=[30, 100])
-    p.add_argument("--bench-batch", type=int, default=None, help="default: utils.bench's for the device")
+    p.add_argument("--bench-batch", type=int, default=None, help="default: tools.bench's for the device")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")

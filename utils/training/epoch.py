@@ -12,9 +12,9 @@ import time
 import torch
 from progress.bar import Bar
 
-from utils import distributed
-from utils.console import warn
-from utils.meters import AverageMeter, accuracy
+from utils.training import distributed
+from utils.training.console import warn
+from utils.training.meters import AverageMeter, accuracy
 
 MAX_BAD_STEPS = 5
 # Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.

@@ -232,7 +232,7 @@ def _digits_tensors(x, y):
 
 def _nmnist_sets(path, time_step):
     """N-MNIST train and test sets of `time_step` frames each."""
-    from utils.nmnist import NMNIST
+    from utils.data.nmnist import NMNIST
 
     try:
         return NMNIST(path, True, time_step), NMNIST(path, False, time_step)

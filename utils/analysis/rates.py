@@ -5,7 +5,7 @@ divided by T (for LIF too: this measures activity, not the λ-weighted state).
 A layer's rate is the mean over its n_l neurons, averaged over the samples;
 the total is the neuron-weighted mean over all spiking layers,
 Σ_l n_l·r_l / Σ_l n_l, i.e. total spikes / (samples · neurons · T).
-Synaptic operations, MACs and energy per sample come with them (utils.sops).
+Synaptic operations, MACs and energy per sample come with them (utils.analysis.sops).
 """
 import csv
 import io
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.io import atomic_write_all, checkpoint_stem
-from utils.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
+from utils.files import atomic_write_all, checkpoint_stem
+from utils.analysis.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
 
 # Suffixes dropped from a checkpoint's file name to name its statistics files.
 CSV_FIELDS = ('time_step', 'neuron', 'leaky', 'vth', 'samples', 'loss', 'acc', 'layer', 'shape', 'neurons', 'rate',
@@ -46,7 +46,7 @@ class RateStats:
     loss: float
     acc: float
     layers: list
-    ops: object = None  # utils.sops.OpCounts
+    ops: object = None  # utils.analysis.sops.OpCounts
 
     def spikes(self, layer):
         """Spikes of a layer (a LayerRate of this run) per sample: rate × neurons × T."""

@@ -1,10 +1,10 @@
-"""IDE against BPTT on the paper's nets: `python -m utils.compare`.
+"""IDE against BPTT on the paper's nets: `python -m tools.compare`.
 
 For every net at its paper input size and every T, from the same weights:
 
 - the training-step time (median of `--repeats` after a warm-up) and peak
   memory of IDE and of BPTT (`modules.bptt`, sigmoid surrogate α = 4), measured
-  as `utils.bench` measures them (CUDA: peak allocated; CPU: the profiler's
+  as `tools.bench` measures them (CUDA: peak allocated; CPU: the profiler's
   peak of PyTorch's allocations), and their ratios BPTT/IDE;
 - the cosine similarity of the two gradients of one batch, per parameter
   tensor and overall (same weights, batch and dropout masks: the two forward
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from modules import ARCHITECTURES, NETS
-from utils.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
+from tools.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
                          make_batch, release_step_buffers, time_ms)
-from utils.io import atomic_write_all
+from utils.files import atomic_write_all
 
 METHODS = ("ide", "bptt")
 COLUMNS = ("net", "T", "batch", "IDE ms", "BPTT ms", "time BPTT/IDE", "IDE MB", "BPTT MB", "mem BPTT/IDE",
@@ -337,7 +337,7 @@ def report(args, rows, cosines, memory):
 # ------------------------------------------------------------------------------- command
 def parse_args(argv=None):
     """The command-line flags."""
-    p = argparse.ArgumentParser(prog="python -m utils.compare", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[5, 10, 30, 100])

@@ -1,0 +1,170 @@
+"""Files written so that nothing is lost: atomic replacement, appends that reach the disk, writable-folder probes."""
+import os
+import re
+import uuid
+
+
+class CheckpointError(Exception):
+    """A run's file (checkpoint, log, plot) cannot be written, read or used; one-line message."""
+
+
+
+def _one_line(text, limit=200):
+    """Collapse text to one line of at most limit characters."""
+    text = ' '.join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _reason(exc):
+    """A short, one-line reason for exc (the OS's wording for OS errors)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    # torch's messages run to several sentences of advice; the first one says what happened.
+    first = str(exc).split('. ')[0]
+    return _one_line(first) if first.strip() else type(exc).__name__
+
+
+def _remove_quietly(path):
+    """Remove path if it exists, ignoring errors (cleanup on a failure path)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_folder(folder):
+    """Make a completed rename durable; not every platform can open a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cannot_write(path, exc):
+    """The CheckpointError for a failed write of path."""
+    return CheckpointError(f'cannot write {path}: {_reason(exc)}')
+
+
+def _temporary_name(name):
+    """A fresh temporary's file name for the file `name` (see stale_temporaries)."""
+    return f'.{name}.{uuid.uuid4().hex[:12]}.tmp'
+
+
+def stale_temporaries(folder, names):
+    """Paths of the temporaries in folder that a killed write of one of `names` left behind."""
+    pattern = re.compile(r'\.(%s)\.[0-9a-f]{12}\.tmp' % '|'.join(map(re.escape, names)))
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, entry) for entry in entries if pattern.fullmatch(entry)]
+
+
+def _write_temporary(path, write):
+    """Call write(binary_file) on a new temporary file beside path and fsync it; return the temporary's path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, _temporary_name(os.path.basename(path)))
+    try:
+        # os.open (not mkstemp) so the file gets the usual umask-based mode, not 0600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:
+        _remove_quietly(tmp)
+        raise _cannot_write(path, exc) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_all(items):
+    """Write every (path, write) pair to a temporary file, then move them over their paths in order.
+
+    Nothing is replaced until every file is written in full, so a failure
+    (a full disk) leaves all the old files as they were; CheckpointError names
+    the file that failed.
+    """
+    items = [(os.fspath(path), write) for path, write in items]
+    staged = []
+    try:
+        for path, write in items:
+            staged.append((_write_temporary(path, write), path))
+        for tmp, path in list(staged):
+            try:
+                os.replace(tmp, path)
+            except Exception as exc:
+                raise _cannot_write(path, exc) from exc
+            staged.remove((tmp, path))
+    finally:
+        for tmp, _ in staged:
+            _remove_quietly(tmp)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path, _ in items}:
+        _fsync_folder(folder)
+
+
+def atomic_write(path, write):
+    """Call write(binary_file) on a temporary file beside path, fsync it, then move it over path."""
+    atomic_write_all([(path, write)])
+
+
+
+def atomic_write_text(path, text):
+    """Write text (UTF-8) to path atomically; on failure the old file stays, CheckpointError is raised."""
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def append_line(path, line):
+    """Append line plus a newline to path and fsync it (appending never truncates what is there)."""
+    try:
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write(line + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise CheckpointError(f'cannot write {os.fspath(path)}: {_reason(exc)}') from exc
+
+
+# Suffixes dropped from a checkpoint's file name to name the files written about it.
+CHECKPOINT_SUFFIXES = ('.tar', '.pth', '.pt', '.ckpt', '.pkl', '.bin')
+
+
+def checkpoint_stem(path):
+    """A checkpoint's file name without its suffixes: 'model_best.pth.tar' -> 'model_best'."""
+    name = os.path.basename(os.fspath(path))
+    while True:
+        root, ext = os.path.splitext(name)
+        if ext.lower() not in CHECKPOINT_SUFFIXES or not root:
+            return name
+        name = root
+
+
+def make_writable_folder(folder):
+    """Create folder (and parents) and make sure files can be written there; CheckpointError if not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+    # Found now rather than after an evaluation or an epoch, which can take hours.
+    probe = os.path.join(folder, f'.write-test.{os.getpid()}.tmp')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write in {folder}: {exc.strerror or exc}') from exc
+
+
+def refuse_existing_files(paths, overwrite, elsewhere=''):
+    """CheckpointError naming the first of paths that exists, unless overwrite; elsewhere: how else to proceed."""
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise CheckpointError(f'{path} exists; pass --overwrite to replace it{elsewhere}')
+
