@@ -282,7 +282,10 @@ def read_structure(graph):
     if len(nxt) != 1 or not isinstance(graph.nodes[nxt[0]], ops):
         raise NIRImportError("expected an Affine or Conv2d input layer after the Input node")
     input_op = nxt[0]
-    layer = _one_successor(graph, input_op, successors, (nir.IF, nir.LIF), "an IF or LIF layer")
+    _, nxt = _skip_flatten(graph, input_op, successors)
+    if len(nxt) != 1 or not isinstance(graph.nodes[nxt[0]], (nir.IF, nir.LIF)):
+        raise NIRImportError(f"expected an IF or LIF layer after the input layer {input_op!r}")
+    layer = nxt[0]
     branches = successors.get(layer, [])
     feedback = [n for n in branches if successors.get(n) == [layer]]
     if len(branches) != 2 or len(feedback) != 1:

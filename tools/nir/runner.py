@@ -150,14 +150,20 @@ class NIRRunner:
         x = x.to(self.dtype)
         if self.frames and x.shape[-1] < self.time_step:
             raise ValueError(f"spike input has {x.shape[-1]} frames, the graph runs {self.time_step} steps")
-        state, output, spikes = None, None, {name: [] for name in self.neurons}
-        for t in range(self.time_step):
-            out, state = self.module(x[..., t] if self.frames else x, state)
-            if t == self.output_step:
-                output = out
-            if record:
-                for name in self.neurons:
-                    spikes[name].append(state[name][1] if isinstance(state[name], tuple) else state[name])
+        spikes = {name: [] for name in self.neurons}
+        # The spikes are each neuron module's output, whatever the module keeps as its state.
+        hooks = [self.module.get_submodule(name.replace(".", "_")).register_forward_hook(  # nirtorch renames a.b to a_b
+            lambda module, args, out, name=name: spikes[name].append(out[0] if isinstance(out, tuple) else out))
+            for name in (self.neurons if record else [])]
+        try:
+            state, output = None, None
+            for t in range(self.time_step):
+                out, state = self.module(x[..., t] if self.frames else x, state)
+                if t == self.output_step:
+                    output = out
+        finally:
+            for hook in hooks:
+                hook.remove()
         return output, ({name: torch.stack(s) for name, s in spikes.items()} if record else None)
 
     def __call__(self, x):
