@@ -207,7 +207,8 @@ def test_strict_threshold_changes_spikes_on_a_binary_grid():
 
 def checkpoint_of(model, arch, path):
     """A checkpoint file as the training scripts write it (the keys tools.nir reads)."""
-    torch.save(dict(state_dict=model.state_dict(), arch=arch, model_args=dict(time_step=model.snn.time_step, leaky=model.snn.leak)), path)
+    args = dict(time_step=model.snn.time_step, leaky=model.snn.leak)
+    torch.save(dict(state_dict=model.state_dict(), arch=arch, model_args=args), path)
 
 
 def test_cifar_net_over_the_limit_is_refused_in_one_line(tmp_path, capsys):

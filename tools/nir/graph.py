@@ -155,6 +155,29 @@ def check_dense_size(model, limit=DENSE_LIMIT):
             f" over the limit of {limit:,}; nothing written")
 
 
+def loop_node(connection, in_shape, out_shape, dense):
+    """A loop layer W_l with BN folded: a Conv2d, or (dense loop) an Affine on flattened layers."""
+    weight, bias = folded(connection)
+    if not dense:
+        return conv_node(connection.linear, weight, bias, in_shape)
+    conv = lambda h: connection.linear._conv_forward(h, weight, None)
+    # The flattened (C, H, W) output holds each channel's H·W values in a row: its bias repeats H·W times.
+    return nir.Affine(weight=_array(dense_matrix(conv, in_shape)),
+                      bias=_array(bias.repeat_interleave(math.prod(out_shape[1:]))))
+
+
+def feedback_node(feedback, in_shape, dense):
+    """W_fb as evaluation uses it: Linear (fc), Conv2d with zero bias, or (dense loop) the transposed conv's matrix."""
+    W, op = feedback_weight(feedback), feedback.linear
+    if dense:
+        transposed = lambda h: nn.functional.conv_transpose2d(h, W, None, op.stride, op.padding,
+                                                              op.output_padding, op.groups, op.dilation)
+        return nir.Linear(weight=_array(dense_matrix(transposed, in_shape)))
+    if isinstance(op, nn.Linear):
+        return nir.Linear(weight=_array(W))
+    return conv_node(op, W, W.new_zeros(W.shape[0]), in_shape)
+
+
 def export_graph(model, net=None, dense_limit=DENSE_LIMIT):
     """The NIR graph of an SNNClassifier as its evaluation runs it (see the module docstring)."""
     snn, arch = model.snn, model.arch
@@ -182,32 +205,15 @@ def export_graph(model, net=None, dense_limit=DENSE_LIMIT):
         else:
             link("input_op", conv_node(snn.input_layer.linear, weight, bias, arch.input_shape))
             if dense:
-                link("input_flatten", nir.Flatten(input_type=np.array(shapes[0]), start_dim=0))
+                link("flatten_op", nir.Flatten(input_type=np.array(shapes[0]), start_dim=0))
         # Spiking layers and the loop between them.
         for l, shape in enumerate(layer_shapes, start=1):
             if l > 1:
-                connection = snn.layers[l - 2]
-                weight, bias = folded(connection)
-                if dense:
-                    conv = lambda h, c=connection, w=weight: c.linear._conv_forward(h, w, None)
-                    link(f"loop{l - 1}", nir.Affine(weight=_array(dense_matrix(conv, shapes[l - 2])),
-                                                    bias=_array(bias.repeat_interleave(math.prod(shapes[l - 1][1:])))))
-                else:
-                    link(f"loop{l - 1}", conv_node(connection.linear, weight, bias, shapes[l - 2]))
+                link(f"loop{l - 1}", loop_node(snn.layers[l - 2], shapes[l - 2], shapes[l - 1], dense))
             link(f"layer{l}", neuron_node(shape, snn.leak, snn.vth))
         last = source
         # The feedback W_fb from layer N to layer 1.
-        W = feedback_weight(snn.feedback)
-        op = snn.feedback.linear
-        if dense:
-            transposed = lambda h: nn.functional.conv_transpose2d(h, W, None, op.stride, op.padding,
-                                                                  op.output_padding, op.groups, op.dilation)
-            fb = nir.Linear(weight=_array(dense_matrix(transposed, shapes[-1])))
-        elif isinstance(op, nn.Linear):
-            fb = nir.Linear(weight=_array(W))
-        else:
-            fb = conv_node(op, W, W.new_zeros(W.shape[0]), shapes[-1])
-        link("feedback", fb, src=last)
+        link("feedback", feedback_node(snn.feedback, shapes[-1], dense), src=last)
         edges.append(("feedback", "layer1"))
         # Readout: the λ-weighted rate of layer N, then the classifier.
         source = last

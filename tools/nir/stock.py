@@ -10,6 +10,7 @@ The reference is the NIR runner with the file's own rules, in float64; every
 other row runs in float32, as the libraries do.
 """
 import argparse
+import contextlib
 import importlib.util
 import io
 import sys
@@ -91,8 +92,9 @@ def whole_file_imports():
 def try_whole_import(load, data, x):
     """'runs' or the first line of the error that the library's import or first step raised."""
     try:
-        module = load(nir.read(io.BytesIO(data)))
-        module(x)
+        with contextlib.redirect_stdout(sys.stderr):  # the libraries print their warnings
+            module = load(nir.read(io.BytesIO(data)))
+            module(x)
         return "loads and runs a step (semantics: see the neuron rows)"
     except Exception as exc:  # any failure of a foreign library is the measurement
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
@@ -126,10 +128,11 @@ def measure(graph, loader):
     """[(label, differing spikes, spikes of the reference, top-1 %)] for every row of neuron_rows."""
     rows, reference = [], None
     for label, kwargs in neuron_rows(graph):
-        runner = NIRRunner(graph, **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # the libraries print their warnings
+            runner = NIRRunner(graph, **kwargs)
         first = sorted(runner.neurons)[0]
-        differing, correct, total, spikes = 0, 0, 0, []
-        for i, (inputs, targets) in enumerate(loader):
+        correct, total, spikes = 0, 0, []
+        for inputs, targets in loader:
             out, recorded = runner.run(inputs, record=True)
             s = recorded[first].to(torch.float64)
             spikes.append(s)
