@@ -23,7 +23,8 @@ from torch import nn
 from modules import build_model
 from modules.models import Architecture, SNNClassifier
 from tools.nir.__main__ import main as nir_main
-from tools.nir.graph import NIRExportError, NIRImportError, export_graph, import_model
+from tools.nir.graph import (NIR_RESET, NIR_SPIKE, RESET_SUBTRACT, SPIKE_AT_THRESHOLD, NIRImportError, export_graph,
+                             import_model)
 from tools.nir.runner import NIRRunner, node_map
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -172,7 +173,7 @@ def test_plain_nir_graph_loads_and_runs():
     assert (model.snn.time_step, model.snn.leak, model.snn.vth) == (steps, leak, vth)
     x = torch.from_numpy(gen.normal(0, 1, (4, 3, 4)))
     logits, spikes = project_run(model, x)
-    out, nir_spikes = runner_spikes(graph, x, time_step=steps, reset="subtract", spike="u >= v_threshold")
+    out, nir_spikes = runner_spikes(graph, x, time_step=steps, reset=RESET_SUBTRACT, spike=SPIKE_AT_THRESHOLD)
     assert 0.05 < spikes[0].mean() < 0.6 and torch.equal(spikes[0], nir_spikes[0])
     torch.testing.assert_close(out, logits, rtol=1e-12, atol=1e-12)
 
@@ -182,7 +183,7 @@ def test_reset_to_zero_and_stock_affine_change_the_spikes():
     model = trained_looking(build_model("fashion_mlp", time_step=T, leaky=LIF))
     graph, x = read_back(export_graph(model)), net_input(model, batch=4)
     _, spikes = runner_spikes(graph, x)
-    _, reset_to_zero = runner_spikes(graph, x, reset="to v_reset")
+    _, reset_to_zero = runner_spikes(graph, x, reset=NIR_RESET)
     stock_affine = {**node_map(), nir.Affine: nirtorch.nir_interpreter._default_map_affine}
     _, stock = runner_spikes(graph, x, nirtorch_map=stock_affine)
     assert (reset_to_zero[0] != spikes[0]).float().mean() > 0.01
@@ -199,7 +200,7 @@ def test_strict_threshold_changes_spikes_on_a_binary_grid():
     graph.nodes["feedback"].weight = on_grid(graph.nodes["feedback"].weight.shape)
     x = (torch.randint(0, 3, (4, 1, 28, 28), generator=gen) / 8.0).double()
     _, ours = runner_spikes(graph, x)
-    _, strict = runner_spikes(graph, x, spike="u > v_threshold")
+    _, strict = runner_spikes(graph, x, spike=NIR_SPIKE)
     model, _ = import_model(graph)
     assert torch.equal(ours[0], project_run(model, x)[1][0])
     assert (strict[0] != ours[0]).sum() > 0

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.layers import Feedback
 from modules.models import Architecture, SNNClassifier
 from modules.snn import is_leaky
 
@@ -44,13 +43,17 @@ DT = 1.0  # one time step of the simulation is one unit of NIR time
 # Largest number of weight entries the dense operators of a loop may have together (512 MiB in float64).
 DENSE_LIMIT = 2 ** 26
 
+# The reset and spike rules, as the metadata names them: this project's, and NIR 1.0's own.
+RESET_SUBTRACT, SPIKE_AT_THRESHOLD = "subtract", "u >= v_threshold"
+NIR_RESET, NIR_SPIKE = "to v_reset", "u > v_threshold"
+
 # What NIR 1.0 leaves open or defines otherwise, stated in every exported graph's metadata.
 CONVENTIONS = {
     "format": "ide-fsnn",
     "dt": DT,
     "discretisation": "forward Euler with step dt: u[t] = (1 - dt/tau) u[t-1] + (dt/tau) (v_leak + r I[t])",
-    "reset": "subtract",            # u <- u - v_threshold after a spike (NIR: u <- v_reset)
-    "spike": "u >= v_threshold",    # (NIR: u > v_threshold)
+    "reset": RESET_SUBTRACT,        # u <- u - v_threshold after a spike (NIR: u <- v_reset)
+    "spike": SPIKE_AT_THRESHOLD,    # (NIR: u > v_threshold)
     "feedback_delay": "one step: the cycle into layer1 reads the feedback of the previous step (zero at t = 0)",
 }
 

@@ -15,9 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import DT, euler_parameters, metadata_of
-
-NIR_RESET, NIR_SPIKE = "to v_reset", "u > v_threshold"
+from .graph import DT, NIR_RESET, NIR_SPIKE, RESET_SUBTRACT, SPIKE_AT_THRESHOLD, euler_parameters, metadata_of
 
 
 def _scalar_or_buffer(module, name, values):
@@ -47,12 +45,12 @@ class EulerNeuron(nn.Module):
         if self.spiking:
             _scalar_or_buffer(self, "vth", node.v_threshold)
             _scalar_or_buffer(self, "v_reset", node.v_reset)
-            if reset not in ("subtract", NIR_RESET):
+            if reset not in (RESET_SUBTRACT, NIR_RESET):
                 raise ValueError(f"unknown reset rule {reset!r}")
-            if spike not in ("u >= v_threshold", NIR_SPIKE):
+            if spike not in (SPIKE_AT_THRESHOLD, NIR_SPIKE):
                 raise ValueError(f"unknown spike rule {spike!r}")
-            self.subtract = reset == "subtract"
-            self.compare = torch.ge if spike == "u >= v_threshold" else torch.gt
+            self.subtract = reset == RESET_SUBTRACT
+            self.compare = torch.ge if spike == SPIKE_AT_THRESHOLD else torch.gt
 
     def forward(self, current, state=None):
         """One step; state is (u, s) of the previous step or None before the first."""
@@ -115,7 +113,7 @@ def flatten(node):
     return nn.Flatten(shift(node.start_dim), shift(node.end_dim))
 
 
-def node_map(dt=DT, reset="subtract", spike="u >= v_threshold"):
+def node_map(dt=DT, reset=RESET_SUBTRACT, spike=SPIKE_AT_THRESHOLD):
     """The nirtorch node map: correct Affine/Conv2d/Flatten, and Euler neurons with the given rules."""
     neuron = lambda node: EulerNeuron(node, dt, reset, spike)
     return {nir.Affine: affine, nir.Linear: linear, nir.Conv2d: conv2d, nir.Flatten: flatten,

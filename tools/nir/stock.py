@@ -21,7 +21,8 @@ from torch import nn
 
 from utils.data.datasets import DATASETS, build_loaders, get_datasets
 
-from .runner import NIR_RESET, NIR_SPIKE, NIRRunner, node_map
+from .graph import NIR_RESET, NIR_SPIKE
+from .runner import NIRRunner, node_map
 
 
 class MemoryNeuron(nn.Module):
