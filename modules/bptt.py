@@ -266,17 +266,28 @@ class BPTT:
         """s = H(x), x = u - Vth, with the surrogate's derivative in the backward pass."""
         return SurrogateSpike.apply(x, SURROGATES[self.surrogate].derivative, self.alpha)
 
-    def unrolled_rate(self, snn, x):
-        """(state rate of the training simulation with autograd through all T steps, StepStatistics or None)."""
+    def unrolled_rate(self, snn, x, all_rates=False):
+        """The training simulation with autograd through all T steps: (state rate, per-layer firing rates
+        or None, StepStatistics in 'batch' mode or None)."""
         in_stats = snn.input_stats(x)
         if self.bn == "batch":
             layer_current = StepStatistics(snn.layers)
         else:
             stats = loop_constants(snn)
             layer_current = lambda l, s: snn.layers[l](s, stats=stats[l])  # noqa: E731
-        rate, _ = snn.unroll(x, lambda h: input_current(snn.input_layer, h, in_stats), layer_current,
-                             functools.partial(self.step, snn))
-        return rate, layer_current if self.bn == "batch" else None
+        rate, rates = snn.unroll(x, lambda h: input_current(snn.input_layer, h, in_stats), layer_current,
+                                 functools.partial(self.step, snn), all_rates)
+        return rate, rates, layer_current if self.bn == "batch" else None
+
+    @torch.no_grad()
+    def layer_rates(self, snn, x):
+        """Firing rate of every spiking layer in the training simulation BPTT differentiates, each (B, n_l).
+
+        With this forward's dropout masks and statistics; no buffer moves.
+        """
+        with forward_precision():
+            _, rates, _ = self.unrolled_rate(snn, x, all_rates=True)
+        return [r.flatten(1) for r in rates]
 
     def step(self, snn, u, s, current):
         """One time step of one layer, out of place, with the surrogate gradient: (new u, new s)."""
@@ -305,7 +316,7 @@ class BPTT:
         """The training forward of `snn` by BPTT: the state rate, differentiable through the simulation."""
         snn.begin_forward()
         with forward_precision():  # TF32 or not, as in IDE's simulation and f
-            rate, step_stats = self.unrolled_rate(snn, x)
+            rate, _, step_stats = self.unrolled_rate(snn, x)
             self.update_running_stats(snn, x, rate.detach(), step_stats)
         return rate
 
