@@ -356,16 +356,18 @@ def test_expectation_lines_name_what_breaks():
 
 def test_compare_command_writes_its_files_and_keeps_them(tmp_path, capsys):
     """A tiny run prints the table, writes the four files, and a second run refuses to replace them."""
-    from tools.compare import COLUMNS, OUTPUTS, main
+    from tools.compare import COLUMNS, GRADIENT_COLUMNS, OUTPUTS, TIMING_COLUMNS, main
     out = tmp_path / "cmp"
     main(["--nets", "fashion_mlp", "--time-steps", "2", "3", "--batch", "2", "--repeats", "1", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| " + " | ".join(COLUMNS) + " |" in printed
+    assert "| " + " | ".join(TIMING_COLUMNS) + " |" in printed
+    assert "| " + " | ".join(GRADIENT_COLUMNS) + " |" in printed
+    assert "nan" not in printed.split("Peak memory model")[0]
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     lines = (out / "compare.csv").read_text().splitlines()
     assert lines[0] == ",".join(COLUMNS) and len(lines) == 3 and lines[1].startswith("fashion_mlp,2,2,")
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    cos = float(lines[1].split(",")[-1])
+    cos = float(lines[1].split(",")[COLUMNS.index("SNN cos")])
     assert 0.5 < cos <= 1.0
     before = (out / "compare.md").read_text()
     with pytest.raises(SystemExit):

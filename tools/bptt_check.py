@@ -44,7 +44,7 @@ def train_curve(name, run, time_step, batch, steps, seed=0):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     torch.manual_seed(seed + 1 + steps)
     model(x)  # one more forward: fresh masks and the moved statistics, as the next step would see them
     return losses, before, layer_rates(model, x)
