@@ -72,3 +72,15 @@ def test_single_layer_net_is_the_same_in_both_modes():
     for (key, a), b in zip(running.state_dict().items(), batch.state_dict().values()):
         assert torch.equal(a, b), key
 
+
+
+def test_a_run_saved_before_the_flag_resumes_with_running_statistics():
+    """A checkpoint's flags without bptt_bn come from a run that normalised by running statistics."""
+    from argparse import Namespace
+    from utils.flags import adopt_saved_flags
+    args = Namespace(bptt_bn="batch", method="ide")
+    taken, _ = adopt_saved_flags(args, set(), {"method": "bptt"})
+    assert (args.bptt_bn, args.method) == ("running", "bptt") and taken["bptt_bn"] == ("batch", "running")
+    args = Namespace(bptt_bn="batch")
+    adopt_saved_flags(args, set(), {"bptt_bn": "batch"})
+    assert args.bptt_bn == "batch"

@@ -18,6 +18,8 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, phantom_form='neumann',
                          forward_residual=True, solver_log=None, method='ide', surrogate='sigmoid',
                          surrogate_alpha=None, detach_reset=False, bptt_bn='batch')
+# Flags added after checkpoints were written, with the value that reproduces what such an older run did.
+SAVED_BEFORE_FLAG = dict(bptt_bn='running')
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
                     gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
@@ -314,6 +316,8 @@ def adopt_saved_flags(args, explicit, saved):
     flag replaced, each as {flag: (saved value, value used)}.
     """
     taken, overridden = {}, {}
+    if saved is not None:
+        saved = {**SAVED_BEFORE_FLAG, **saved}
     for key, value in (saved or {}).items():
         if not hasattr(args, key) or key in LOCAL_FLAGS:
             continue
