@@ -96,3 +96,18 @@ def test_phantom_form_option_and_errors():
         adjoint_solve("ide", phantom_form="unroll")
     with pytest.raises(ValueError, match="unknown phantom form 'series'"):
         adjoint_solve("phantom", phantom_form="series")
+
+
+def test_flags_reach_the_model():
+    """--phantom-form and --bptt-bn (defaults neumann and batch) reach build_model through the training run;
+    --phantom-form unroll with another --grad is one line of error."""
+    from utils import flags
+    from utils.training.run import model_args_of
+    args, _, _ = flags.parse_args("alexnetf", [])
+    assert (args.phantom_form, args.bptt_bn) == ("neumann", "batch")
+    args, _, _ = flags.parse_args("alexnetf", ["--grad", "phantom", "--phantom-form", "unroll", "--method", "bptt",
+                                                "--bptt-bn", "running"])
+    model_args = model_args_of(args, 10)
+    assert (model_args["phantom_form"], model_args["bptt_bn"]) == ("unroll", "running")
+    with pytest.raises(SystemExit):
+        flags.parse_args("alexnetf", ["--phantom-form", "unroll"])
