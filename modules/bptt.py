@@ -201,6 +201,7 @@ class StepStatistics:
         group = sync_group(layer.bn)
         # Under autocast h is bf16; statistics in the parameters' dtype, as BN keeps them.
         mean, var = batch_stats(h.to(layer.bn.weight.dtype), group)
+        # Values per channel behind the statistics (under --sync-bn every process holds an equal share).
         count = h.numel() // h.shape[1] * (1 if group is None else group.size())
         self.moments[l].append((mean.detach(), var.detach(), count))
         return layer.dropout(layer.normalize(h, stats=(mean, var)))
