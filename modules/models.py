@@ -163,8 +163,8 @@ def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout
     is the same for both.
     With 'ide', `grad` chooses the exact implicit gradient ('ide', solved by `solver` with
     `solver_memory`), Jacobian-free backpropagation ('jfb') or the phantom gradient ('phantom',
-    `phantom_k` steps of size `phantom_tau`, in `phantom_form` 'neumann' or 'unroll'); `forward_residual` records ‖f(a) - a‖/‖a‖ in
-    solver_stats (modules.implicit, FeedbackSNN).
+    `phantom_k` steps of size `phantom_tau`, in `phantom_form` 'neumann' or 'unroll');
+    `forward_residual` records ‖f(a) - a‖/‖a‖ in solver_stats (modules.implicit, FeedbackSNN).
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from modules import ARCHITECTURES, BN_MODES, GRADIENTS, METHODS, PHANTOM_FORMS, NETS, SOLVERS, SURROGATES, adjoint_solve, is_leaky, settings
+from modules import (ARCHITECTURES, BN_MODES, GRADIENTS, METHODS, NETS, PHANTOM_FORMS, SOLVERS, SURROGATES,
+                     adjoint_solve, is_leaky, settings)
 
 OPTIMIZERS = ('SGD', 'Adam')
 # Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
