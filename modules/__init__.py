@@ -1,6 +1,6 @@
 """IDE-FSNN: feedback spiking networks trained by implicit differentiation on the equilibrium state."""
-from .bptt import BPTT, METHODS, SURROGATES, gradient_method
-from .implicit import GRADIENTS, AdjointSolve, ImplicitGradient, adjoint_solve
+from .bptt import BN_MODES, BPTT, METHODS, SURROGATES, gradient_method
+from .implicit import GRADIENTS, PHANTOM_FORMS, AdjointSolve, ImplicitGradient, adjoint_solve
 from .layers import Connection, Feedback, SpectralScale, VariationalDropout, unit_fanin_init_
 from .models import ARCHITECTURES, Architecture, SNNClassifier, build_model, build_snn
 from .settings import NETS, NetSettings
@@ -11,6 +11,6 @@ __all__ = [
     "ARCHITECTURES", "Architecture", "NETS", "NetSettings", "Connection", "Feedback", "FeedbackSNN", "ImplicitGradient",
     "SNNClassifier", "SOLVERS", "SpectralScale", "VariationalDropout", "broyden", "build_model",
     "build_snn", "fixed_point_iter", "get_solver", "is_leaky", "rate_weights", "unit_fanin_init_",
-    "BPTT", "METHODS", "SURROGATES", "gradient_method",
-    "GRADIENTS", "AdjointSolve", "adjoint_solve", "Solver", "anderson", "phantom_steps",
+    "BN_MODES", "BPTT", "METHODS", "SURROGATES", "gradient_method",
+    "GRADIENTS", "PHANTOM_FORMS", "AdjointSolve", "adjoint_solve", "Solver", "anderson", "phantom_steps",
 ]

@@ -17,9 +17,17 @@ How y is found is the gradient mode (`GRADIENTS`), each a way to build an
   (`modules.solvers.SOLVERS`: 'broyden', 'anderson', 'iter');
 - 'jfb': Jacobian-free backpropagation (Fung et al., AAAI 2022), y = v, i.e.
   ∂L/∂θ = v · ∂f/∂θ, the Neumann series of (I - J)⁻¹ cut after its first term;
-- 'phantom': the phantom gradient (Geng et al., NeurIPS 2021), K damped steps
-  y ← (1 - τ) y + τ (v + y J) from y = 0, i.e. y_K = τ Σ_{j<K} v M^j with
-  M = (1 - τ) I + τ J.
+- 'phantom': the phantom gradient of Geng et al., "On Training Implicit
+  Models" (NeurIPS 2021), in one of its two forms (`PHANTOM_FORMS`), both K
+  damped steps of size τ, M = (1 - τ) I + τ J:
+  'neumann', their Neumann-series-based phantom gradient (NPG): K damped
+  steps y ← (1 - τ) y + τ (v + y J) from y = 0, i.e. y_K = τ Σ_{j<K} v M^j,
+  J frozen at one point, sent through the one z = f(·) like the exact
+  gradient; 'unroll', their unrolling-based phantom gradient (UPG, TorchDEQ's
+  phantom gradient): K damped steps z ← (1 - τ) z + τ f(z) from the state,
+  differentiated by autograd (`FeedbackSNN._unrolled_phantom`), so every step
+  has its own Jacobian and its own ∂f/∂θ. At an exact fixed point every
+  iterate is the fixed point and the two coincide.
 """
 from dataclasses import dataclass
 
@@ -78,15 +86,17 @@ def phantom_gradient(solver, threshold, tol, solver_memory, phantom_k, phantom_t
 
 
 GRADIENTS = {"ide": exact_gradient, "jfb": jacobian_free_gradient, "phantom": phantom_gradient}
+PHANTOM_FORMS = ("neumann", "unroll")
 
 
 def adjoint_solve(grad="ide", solver="broyden", threshold=30, tol=None, solver_memory=None,
-                  phantom_k=5, phantom_tau=0.5):
+                  phantom_k=5, phantom_tau=0.5, phantom_form="neumann"):
     """The AdjointSolve of gradient mode `grad` (see the module docstring and GRADIENTS).
 
-    solver, threshold, tol and solver_memory configure 'ide'; phantom_k and
-    phantom_tau configure 'phantom'. An option given to a mode that does not
-    use it (solver_memory outside 'ide') is an error.
+    solver, threshold, tol and solver_memory configure 'ide'; phantom_k,
+    phantom_tau and phantom_form configure 'phantom'. An option given to a
+    mode that does not use it (solver_memory outside 'ide', the 'unroll' form
+    outside 'phantom') is an error.
     """
     if grad not in GRADIENTS:
         raise ValueError(f"unknown gradient mode {grad!r}; choose one of {sorted(GRADIENTS)}")
@@ -95,6 +105,10 @@ def adjoint_solve(grad="ide", solver="broyden", threshold=30, tol=None, solver_m
     get_solver(solver)  # an unknown solver name is an error in every mode
     if grad != "ide" and solver_memory is not None:
         raise ValueError(f"solver_memory applies to grad='ide' only, not to grad={grad!r}")
+    if phantom_form not in PHANTOM_FORMS:
+        raise ValueError(f"unknown phantom form {phantom_form!r}; choose one of {list(PHANTOM_FORMS)}")
+    if phantom_form != "neumann" and grad != "phantom":
+        raise ValueError(f"phantom_form={phantom_form!r} applies to grad='phantom' only, not to grad={grad!r}")
     return GRADIENTS[grad](solver, threshold, tol, solver_memory, phantom_k, phantom_tau)
 
 
@@ -135,3 +149,19 @@ class ImplicitGradient(torch.autograd.Function):
         info["rel_residual"] = info["residual"] / v_norm if v_norm > 0 else 0.0
         ctx.record(info)
         return y.reshape(shape), None, None, None, None, None, None
+
+
+class ValueWithGradientOf(torch.autograd.Function):
+    """Forward: `value` (a copy). Backward: the incoming gradient, sent to `carrier` (same shape) alone.
+
+    The unrolled phantom gradient's output: the network's state stays the
+    simulated rate, while its gradient is that of the unrolled z_K.
+    """
+
+    @staticmethod
+    def forward(ctx, value, carrier):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad

@@ -63,7 +63,7 @@ ARCHITECTURES = {
 def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver="broyden", threshold=30, tol=None,
               **gradient_options):
     """The FeedbackSNN of an Architecture; gradient_options: FeedbackSNN's grad, solver_memory, phantom_k,
-    phantom_tau, forward_residual."""
+    phantom_tau, phantom_form, forward_residual."""
     w = arch.widths
     if arch.kind == "fc":
         input_layer = Connection(nn.Linear(math.prod(arch.input_shape), w[0]), bn=True,
@@ -148,8 +148,8 @@ class SNNClassifier(nn.Module):
 
 def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout=0.0,
                 solver=None, threshold=30, tol=None, method="ide", surrogate="sigmoid", surrogate_alpha=None,
-                detach_reset=False, grad="ide", solver_memory=None, phantom_k=5, phantom_tau=0.5,
-                forward_residual=True):
+                detach_reset=False, bptt_bn="batch", grad="ide", solver_memory=None, phantom_k=5, phantom_tau=0.5,
+                phantom_form="neumann", forward_residual=True):
     """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
 
     `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
@@ -158,19 +158,21 @@ def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout
     `method` 'ide' trains by implicit differentiation, 'bptt' by back-propagation through
     time (`modules.bptt`) with the `surrogate` spike derivative ('sigmoid', 'atan', 'rect')
     of sharpness `surrogate_alpha` (None: the surrogate's default), `detach_reset` cutting
-    the reset term's gradient; evaluation is the same for both.
+    the reset term's gradient, and `bptt_bn` 'batch' (the loop layers' BN by each step's batch
+    statistics) or 'running' (by their running statistics, IDE's forward exactly); evaluation
+    is the same for both.
     With 'ide', `grad` chooses the exact implicit gradient ('ide', solved by `solver` with
     `solver_memory`), Jacobian-free backpropagation ('jfb') or the phantom gradient ('phantom',
-    `phantom_k` steps of size `phantom_tau`); `forward_residual` records ‖f(a) - a‖/‖a‖ in
-    solver_stats (modules.implicit, FeedbackSNN).
+    `phantom_k` steps of size `phantom_tau`, in `phantom_form` 'neumann' or 'unroll');
+    `forward_residual` records ‖f(a) - a‖/‖a‖ in solver_stats (modules.implicit, FeedbackSNN).
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")
-    bptt = gradient_method(method, surrogate, surrogate_alpha, detach_reset)
+    bptt = gradient_method(method, surrogate, surrogate_alpha, detach_reset, bptt_bn)
     leak = leaky if is_leaky(leaky) else 1.0
     model = SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
                          vth=vth, dropout=dropout, solver=solver or NETS[name].solver, threshold=threshold,
                          tol=tol, grad=grad, solver_memory=solver_memory, phantom_k=phantom_k,
-                         phantom_tau=phantom_tau, forward_residual=forward_residual)
+                         phantom_tau=phantom_tau, phantom_form=phantom_form, forward_residual=forward_residual)
     model.snn.bptt = bptt
     return model

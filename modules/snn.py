@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .implicit import ImplicitGradient, adjoint_solve
+from .implicit import ImplicitGradient, ValueWithGradientOf, adjoint_solve
 from .layers import Feedback, VariationalDropout, batch_stats, sync_group
 from .precision import forward_precision, full_float32_vjp
 
@@ -60,7 +60,8 @@ class FeedbackSNN(nn.Module):
     The adjoint equation is solved by `solver` ('broyden', 'anderson' or 'iter')
     with at most `threshold` iterations, optional relative tolerance `tol` and
     `solver_memory`, or approximated by `grad` 'jfb' or 'phantom' (`phantom_k`
-    steps of size `phantom_tau`); see modules.implicit.
+    steps of size `phantom_tau`, in `phantom_form` 'neumann' or 'unroll');
+    see modules.implicit.
     J is taken at the simulated rate for single-layer nets and at z = f(a) for
     multi-layer nets (`jacobian_at_f`), as in the paper's release: early in
     training a deep loop's last layer can be silent (a = 0), and one step of f
@@ -69,7 +70,7 @@ class FeedbackSNN(nn.Module):
 
     def __init__(self, input_layer, layers, feedback, time_step=30, vth=2.0, leak=1.0,
                  spike_input=False, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
-                 phantom_k=5, phantom_tau=0.5, forward_residual=True):
+                 phantom_k=5, phantom_tau=0.5, phantom_form="neumann", forward_residual=True):
         super().__init__()
         if time_step < 1:
             raise ValueError(f"time_step must be >= 1, got {time_step}")
@@ -84,7 +85,7 @@ class FeedbackSNN(nn.Module):
         self.vth = vth
         self.leak = leak if is_leaky(leak) else 1.0
         self.spike_input = spike_input
-        self.configure_solver(solver, threshold, tol, grad, solver_memory, phantom_k, phantom_tau)
+        self.configure_solver(solver, threshold, tol, grad, solver_memory, phantom_k, phantom_tau, phantom_form)
         self.forward_residual = forward_residual  # record ‖f(a) - a‖/‖a‖ in solver_stats (see _recorder)
         self.jacobian_at_f = len(layers) > 0
         self.solver_stats = None
@@ -92,11 +93,12 @@ class FeedbackSNN(nn.Module):
         self.bptt = None
 
     def configure_solver(self, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
-                         phantom_k=5, phantom_tau=0.5):
+                         phantom_k=5, phantom_tau=0.5, phantom_form="neumann"):
         """Choose the gradient mode and the adjoint solver (see modules.implicit.adjoint_solve)."""
-        self.adjoint = adjoint_solve(grad, solver, threshold, tol, solver_memory, phantom_k, phantom_tau)
+        self.adjoint = adjoint_solve(grad, solver, threshold, tol, solver_memory, phantom_k, phantom_tau, phantom_form)
         self.solver, self.threshold, self.tol = solver, threshold, tol
         self.grad, self.solver_memory, self.phantom_k, self.phantom_tau = grad, solver_memory, phantom_k, phantom_tau
+        self.phantom_form = phantom_form
 
     # ---------------------------------------------------------------- simulation
     def input_frames(self, x):
@@ -152,17 +154,18 @@ class FeedbackSNN(nn.Module):
         Per-layer firing rates, on request, are plain spike counts / T for every
         spiking layer in the order the input flows through them.
         """
-        in_stats = self.input_stats(x)
-        rate, rates = self.unroll(x, lambda h: self.input_layer(h, stats=in_stats), self.loop_stats(),
-                                  self._fire_, all_rates)
+        in_stats, loop_stats = self.input_stats(x), self.loop_stats()
+        rate, rates = self.unroll(x, lambda h: self.input_layer(h, stats=in_stats),
+                                  lambda l, s: self.layers[l](s, stats=loop_stats[l]), self._fire_, all_rates)
         forget_autocast_copies(x.device.type)
         return rate, rates
 
-    def unroll(self, x, input_current, loop_stats, step, all_rates=False):
+    def unroll(self, x, input_current, layer_current, step, all_rates=False):
         """The T-step loop shared by the simulation and BPTT's differentiable simulation.
 
-        input_current(x or a frame) gives the input layer's current, loop_stats
-        the BN statistics of each loop layer, and step(u, s, current) -> (u, s)
+        input_current(x or a frame) gives the input layer's current,
+        layer_current(l, s) that of loop layer l (self.layers[l]) on spikes s,
+        and step(u, s, current) -> (u, s)
         advances one layer's potentials u and spikes s by one time step (in
         place in the simulation, out of place with a surrogate gradient in BPTT).
         """
@@ -178,7 +181,7 @@ class FeedbackSNN(nn.Module):
                     current = current + self.feedback(s[-1])
                 for l in range(n_layers):
                     if l > 0:
-                        current = self.layers[l - 1](s[l - 1], stats=loop_stats[l - 1])
+                        current = layer_current(l - 1, s[l - 1])
                     if u[l] is None:
                         # u[-1] = s[-1] = 0. Under autocast the currents may be bf16; potentials
                         # and spikes stay in x's dtype (the updates promote the currents).
@@ -259,9 +262,28 @@ class FeedbackSNN(nn.Module):
             rate, _ = self.simulate(x)
             if not (self.training and torch.is_grad_enabled()):
                 return rate
+            if self.grad == "phantom" and self.phantom_form == "unroll":
+                return self._unrolled_phantom(x, rate)
             z, point, f_point = self.differentiable_parts(x, rate)
         return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.adjoint.starts_from_v,
                                       self._recorder(rate, z))
+
+    def _unrolled_phantom(self, x, rate):
+        """The unrolled phantom gradient: value a, gradient of z_K, K damped steps z ← (1 - τ) z + τ f(z) from a.
+
+        z_0 = a carries no gradient (the fixed point's estimate, as in TorchDEQ);
+        autograd differentiates the K steps, each at its own iterate.
+        """
+        current = self.input_layer(self.average_input(x), update_stats=True)
+        z, tau = rate.detach(), self.phantom_tau
+        for k in range(self.phantom_k):
+            # The first application of f is the only place where BN running statistics move.
+            f_z = self.f(z, current, update_stats=k == 0)
+            if k == 0:
+                f_rate = f_z
+            z = (1 - tau) * z + tau * f_z
+        self._recorder(rate, f_rate)({"nstep": self.phantom_k, "nfev": self.phantom_k, "stop": "cap"})
+        return ValueWithGradientOf.apply(rate, z)
 
     def _solve(self, func, y0, f0=None):
         return self.adjoint(func, y0, f0=f0)

@@ -1,11 +1,13 @@
 """BPTT with surrogate gradients, the baseline to IDE (modules/bptt.py).
 
   (a) its gradient equals that of an independent unrolled loop written here (BN by its
-      formula, the spike as H(x) + P(x) - P(x).detach() with P the surrogate's primitive),
+      formula, with the loop layers' running statistics or each step's batch statistics,
+      the spike as H(x) + P(x) - P(x).detach() with P the surrogate's primitive),
       in float64 for every kind of tiny net, and differs from it when α or the reset path
       is changed;
   (b) each surrogate's derivative matches its formula and finite differences of its primitive;
-  (c) a BPTT training step computes IDE's values bit for bit: output and buffers after the step;
+  (c) with bn='running', a BPTT training step computes IDE's values bit for bit: output and
+      buffers after the step;
   (d) build_model's options, evaluation, rates and gradients of every parameter.
 """
 import copy
@@ -26,16 +28,17 @@ LEAKS = {"IF": 1.0, "LIF": 0.9}
 KINDS = [pytest.param(arch, leak, spike, id=f"{arch}-{leak}-{'spike' if spike else 'const'}")
          for arch, leak, spike in itertools.product(("fc", "conv", "multi"), LEAKS, (False, True))]
 
-# The surrogates' primitives and derivatives, written out independently of modules/bptt.py.
+# The surrogates' primitives and derivatives as SpikingJelly defines them (spikingjelly.activation_based.
+# surrogate: Sigmoid, ATan, Rect), written out independently of modules/bptt.py.
 PRIMITIVES = {
     "sigmoid": lambda x, a: torch.sigmoid(a * x),
     "atan": lambda x, a: torch.atan(math.pi / 2 * a * x) / math.pi + 0.5,
-    "rect": lambda x, a: torch.clamp(x / a + 0.5, 0.0, 1.0),
+    "rect": lambda x, a: torch.clamp(a * x + 0.5, 0.0, 1.0),
 }
 DERIVATIVES = {
     "sigmoid": lambda x, a: a / (4 * torch.cosh(a * x / 2) ** 2),
     "atan": lambda x, a: a / 2 / (1.0 + (math.pi / 2 * a * x) ** 2),
-    "rect": lambda x, a: torch.where(x.abs() < a / 2, 1.0 / a, 0.0).to(x.dtype),
+    "rect": lambda x, a: torch.where(x.abs() < 0.5 / a, a, 0.0).to(x.dtype),
 }
 
 
@@ -51,12 +54,13 @@ def with_mask(h, conn):
     return h if conn.dropout.mask is None else h * conn.dropout.mask
 
 
-def naive_rate(snn, x, running, surrogate, alpha, detach_reset=False):
+def naive_rate(snn, x, running, surrogate, alpha, detach_reset=False, loop_inputs=None):
     """The training-mode state rate by a plain unrolled loop with autograd.
 
     Call after a training forward of snn (its dropout masks and power-iteration
     vectors are reused); `running` are the loop layers' running statistics
-    before that forward.
+    before that forward, or None for BN by each step's batch statistics (then
+    `loop_inputs`, a list per loop layer, collects the linear outputs BN saw).
     """
     T, lam, vth = snn.time_step, snn.leak, snn.vth
     weights = [lam ** (T - 1 - t) for t in range(T)]
@@ -81,7 +85,15 @@ def naive_rate(snn, x, running, surrogate, alpha, detach_reset=False):
         for l in range(n):
             if l > 0:
                 conn = snn.layers[l - 1]
-                current = with_mask(naive_bn(conn.linear(s[l - 1]), *running[l - 1], conn.bn), conn)
+                h = conn.linear(s[l - 1])
+                if running is None:
+                    h_dims = [0] + list(range(2, h.dim()))
+                    stats = h.mean(h_dims), ((h - h.mean(h_dims, keepdim=True)) ** 2).mean(h_dims)
+                    if loop_inputs is not None:
+                        loop_inputs[l - 1].append(h.detach())
+                else:
+                    stats = running[l - 1]
+                current = with_mask(naive_bn(h, *stats, conn.bn), conn)
             reset = s[l].detach() if detach_reset and torch.is_tensor(s[l]) else s[l]
             u[l] = lam * (u[l] - vth * reset) + current
             p = PRIMITIVES[surrogate](u[l] - vth, alpha)
@@ -103,10 +115,10 @@ def gradients(snn, x, rate, w):
 
 
 def bptt_and_naive(tiny_snn, tiny_input, arch, leak, spike, surrogate="sigmoid", alpha=4.0, detach_reset=False,
-                   dropout=0.0):
+                   dropout=0.0, bn="running"):
     """(BPTT gradient, its rate, the snn, x, w, running statistics before the step) of one training forward."""
     snn = tiny_snn(arch, leak=LEAKS[leak], spike=spike, time_step=TIME_STEP, dropout=dropout, gain=0.8).train()
-    snn.bptt = BPTT(surrogate, alpha, detach_reset)
+    snn.bptt = BPTT(surrogate, alpha, detach_reset, bn)
     x = tiny_input(arch, 4 if arch == "fc" else 3, spike, TIME_STEP, seed=1, scale=2.0).requires_grad_()
     running = [(c.bn.running_mean.clone(), c.bn.running_var.clone()) for c in snn.layers]
     rate = snn(x)
@@ -114,12 +126,13 @@ def bptt_and_naive(tiny_snn, tiny_input, arch, leak, spike, surrogate="sigmoid",
     return gradients(snn, x, rate, w), rate.detach(), snn, x, w, running
 
 
+@pytest.mark.parametrize("bn", ("running", "batch"))
 @pytest.mark.parametrize("arch,leak,spike", KINDS)
-def test_gradient_equals_naive_unrolled_loop(tiny_snn, tiny_input, arch, leak, spike):
+def test_gradient_equals_naive_unrolled_loop(tiny_snn, tiny_input, arch, leak, spike, bn):
     """BPTT's gradient (every parameter and the input) equals the naive loop's to 1e-10 in float64."""
     dropout = 0.25 if leak == "LIF" else 0.0
-    grad, rate, snn, x, w, running = bptt_and_naive(tiny_snn, tiny_input, arch, leak, spike, dropout=dropout)
-    reference = naive_rate(snn, x, running, "sigmoid", 4.0)
+    grad, rate, snn, x, w, running = bptt_and_naive(tiny_snn, tiny_input, arch, leak, spike, dropout=dropout, bn=bn)
+    reference = naive_rate(snn, x, running if bn == "running" else None, "sigmoid", 4.0)
     torch.testing.assert_close(reference.detach(), rate, rtol=0, atol=1e-12)
     assert 0 < rate.mean() < 1, "the net must spike, or the check says little"
     ref_grad = gradients(snn, x, reference, w)
@@ -151,13 +164,16 @@ def test_check_fails_for_a_wrong_alpha_or_reset_path(tiny_snn, tiny_input, arch)
 
 # ----------------------------------------------------------------------------- surrogates
 @pytest.mark.parametrize("name", sorted(SURROGATES))
-@pytest.mark.parametrize("alpha", (0.5, 2.0, 4.0))
+@pytest.mark.parametrize("alpha", (0.5, 1.0, 2.0, 4.0))
 def test_surrogate_derivative_matches_formula_and_primitive(name, alpha):
-    """P' equals the formula and central differences of P; P is the formula and goes from 0 to 1."""
+    """P' equals SpikingJelly's formula and central differences of P; P is the formula and goes from 0 to 1;
+    the peak P'(0) is SpikingJelly's (sigmoid α/4, atan α/2, rect α: the height, not the width)."""
     surrogate = SURROGATES[name]
     x = torch.linspace(-3, 3, 601, dtype=torch.float64)
     if name == "rect":  # P is not differentiable at the window's edges
-        x = x[((x.abs() - alpha / 2).abs() > 1e-3)]
+        x = x[((x.abs() - 0.5 / alpha).abs() > 1e-3)]
+    peak = {"sigmoid": alpha / 4, "atan": alpha / 2, "rect": alpha}[name]
+    assert surrogate.derivative(torch.zeros(1, dtype=torch.float64), alpha).item() == pytest.approx(peak, rel=1e-15)
     torch.testing.assert_close(surrogate.primitive(x, alpha), PRIMITIVES[name](x, alpha), rtol=0, atol=1e-14)
     torch.testing.assert_close(surrogate.derivative(x, alpha), DERIVATIVES[name](x, alpha), rtol=0, atol=1e-14)
     h = 1e-6
@@ -218,9 +234,10 @@ def training_step(model, x, target, amp=False, seed=3):
 @pytest.mark.parametrize("name,amp", [("mnist_conv", False), ("fashion_mlp", False), ("nmnist_conv", False),
                                       ("alexnetf", False), ("alexnetf", True), ("mnist_conv", True)])
 def test_training_step_values_equal_ide_bit_for_bit(name, amp):
-    """Output and every buffer after the step (BN running statistics, power iteration) are IDE's exactly."""
+    """With bn='running': output and every buffer after the step (BN running statistics, power iteration)
+    are IDE's exactly."""
     time_step = 3
-    ide, bptt = twin_models(name, time_step)
+    ide, bptt = twin_models(name, time_step, bptt_bn="running")
     x, target = paper_input(ide, 2, time_step), torch.tensor([3, 7])
     out_ide, out_bptt = training_step(ide, x, target, amp), training_step(bptt, x, target, amp)
     assert torch.equal(out_ide, out_bptt)
@@ -246,7 +263,8 @@ def test_build_model_options_and_errors():
     """method/surrogate/surrogate_alpha/detach_reset reach the net; bad values fail with one message."""
     model = build_model("fashion_mlp", time_step=2, method="bptt", surrogate="atan", surrogate_alpha=3.0,
                         detach_reset=True)
-    assert repr(model.snn.bptt) == "BPTT(surrogate='atan', alpha=3.0, detach_reset=True)"
+    assert repr(model.snn.bptt) == "BPTT(surrogate='atan', alpha=3.0, detach_reset=True, bn='batch')"
+    assert build_model("fashion_mlp", time_step=2, method="bptt", bptt_bn="running").snn.bptt.bn == "running"
     assert build_model("fashion_mlp", time_step=2).snn.bptt is None
     with pytest.raises(ValueError, match="unknown training method 'tbptt'"):
         build_model("fashion_mlp", method="tbptt")
@@ -254,17 +272,20 @@ def test_build_model_options_and_errors():
         gradient_method("bptt", surrogate="relu")
     with pytest.raises(ValueError, match="alpha must be > 0"):
         gradient_method("bptt", surrogate_alpha=0.0)
+    with pytest.raises(ValueError, match="unknown BPTT batch-norm mode 'mean'"):
+        gradient_method("bptt", bptt_bn="mean")
 
 
 def test_checkpoint_arguments_rebuild_the_same_model():
     """A state_dict carries nothing new, and build_model(**model_args) gives the same BPTT net."""
     args = dict(num_classes=10, time_step=2, leaky=0.95, method="bptt", surrogate="rect", surrogate_alpha=None,
-                detach_reset=True)
+                detach_reset=True, bptt_bn="running")
     model = build_model("mnist_conv", **args)
     assert set(model.state_dict()) == set(build_model("mnist_conv", time_step=2).state_dict())
     rebuilt = build_model("mnist_conv", **copy.deepcopy(args))
     rebuilt.load_state_dict(model.state_dict())
-    assert repr(rebuilt.snn.bptt) == repr(model.snn.bptt) == "BPTT(surrogate='rect', alpha=1.0, detach_reset=True)"
+    assert repr(rebuilt.snn.bptt) == repr(model.snn.bptt) == ("BPTT(surrogate='rect', alpha=1.0, "
+                                                            "detach_reset=True, bn='running')")
 
 
 def test_evaluation_and_rates_are_ide_s():
@@ -335,16 +356,18 @@ def test_expectation_lines_name_what_breaks():
 
 def test_compare_command_writes_its_files_and_keeps_them(tmp_path, capsys):
     """A tiny run prints the table, writes the four files, and a second run refuses to replace them."""
-    from tools.compare import COLUMNS, OUTPUTS, main
+    from tools.compare import COLUMNS, GRADIENT_COLUMNS, OUTPUTS, TIMING_COLUMNS, main
     out = tmp_path / "cmp"
     main(["--nets", "fashion_mlp", "--time-steps", "2", "3", "--batch", "2", "--repeats", "1", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| " + " | ".join(COLUMNS) + " |" in printed
+    assert "| " + " | ".join(TIMING_COLUMNS) + " |" in printed
+    assert "| " + " | ".join(GRADIENT_COLUMNS) + " |" in printed
+    assert "nan" not in printed.split("Peak memory model")[0]
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     lines = (out / "compare.csv").read_text().splitlines()
     assert lines[0] == ",".join(COLUMNS) and len(lines) == 3 and lines[1].startswith("fashion_mlp,2,2,")
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    cos = float(lines[1].split(",")[-1])
+    cos = float(lines[1].split(",")[COLUMNS.index("SNN cos")])
     assert 0.5 < cos <= 1.0
     before = (out / "compare.md").read_text()
     with pytest.raises(SystemExit):

@@ -6,15 +6,26 @@ For every net at its paper input size and every T, from the same weights:
   memory of IDE and of BPTT (`modules.bptt`, sigmoid surrogate α = 4), measured
   as `tools.bench` measures them (CUDA: peak allocated; CPU: the profiler's
   peak of PyTorch's allocations), and their ratios BPTT/IDE;
-- the cosine similarity of the two gradients of one batch, per parameter
-  tensor and overall (same weights, batch and dropout masks: the two forward
-  passes compute the same values, so only the gradient differs);
+- the cosine similarity of the two gradients of one batch (same weights,
+  batch and dropout masks): the headline over the SNN's parameters (the
+  classifier excluded: its gradient is the same outer product of the rate
+  and ∂L/∂logits in both methods whenever the rates agree, and its norm
+  dominates), per group (input layer, loop layers, feedback, classifier) and
+  per parameter tensor, with the state's mean rate under each method and the
+  forward residual ‖f(a) - a‖/‖a‖ of IDE's simulated state beside it; a
+  gradient that is zero in both methods reads "0 = 0", zero in one only
+  "IDE 0" or "BPTT 0". With `--bptt-bn running` the two forward passes
+  compute the same values, so only the gradient differs; with the default
+  `batch` BPTT's loop layers normalise by batch statistics (modules.bptt),
+  so on the multi-layer nets the two methods differentiate different
+  forward passes;
 - on CUDA, the largest batch that fits at the largest T for each method
   (doubling, then bisection); on the CPU, the memory model
   peak(B, T) = K + B·(c0 + c1·T) fitted to the T series and a second batch
   size, and the T at which a batch of 128 would pass 80 GiB.
 
-It writes compare.md, compare.csv (one row per net and T),
+`--no-timing` measures the gradients alone. It writes compare.md, compare.csv
+(one row per net and T),
 compare_cosine.csv (per parameter tensor) and compare.png (step time and peak
 memory against T) to `--out`, and prints the Markdown.
 """
@@ -31,14 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, NETS
+from modules import ARCHITECTURES, BN_MODES, NETS
 from tools.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
                          make_batch, release_step_buffers, time_ms)
 from utils.files import atomic_write_all
 
 METHODS = ("ide", "bptt")
-COLUMNS = ("net", "T", "batch", "IDE ms", "BPTT ms", "time BPTT/IDE", "IDE MB", "BPTT MB", "mem BPTT/IDE",
-           "grad cos")
+TIMING_COLUMNS = ("net", "T", "batch", "IDE ms", "BPTT ms", "time BPTT/IDE", "IDE MB", "BPTT MB", "mem BPTT/IDE")
+# Parameter groups by name prefix, in the order the input flows through them.
+GROUPS = {"input": "snn.input_layer.", "loop": "snn.layers.", "feedback": "snn.feedback.", "classifier": "classifier."}
+GRADIENT_COLUMNS = (("net", "T", "batch", "SNN cos") + tuple(f"{group} cos" for group in GROUPS)
+                    + ("IDE rate", "BPTT rate", "fwd residual"))
+COLUMNS = TIMING_COLUMNS + GRADIENT_COLUMNS[3:]
 OUTPUTS = ("compare.md", "compare.csv", "compare_cosine.csv", "compare.png")
 LIMIT_MB = 80 * 1024          # 80 GiB, a large accelerator's memory
 LIMIT_BATCH = 128             # the paper's batch
@@ -47,43 +62,73 @@ BPTT_GROWTH = 5.0             # BPTT's peak at least 5× from T = 10 to T = 100 
 BYTE_MB = 2 ** -20            # a slope in T below one byte per sample and step is rounding in the fit
 
 
-def build(name, time_step, method, device, seed=0):
+def build(name, time_step, method, device, seed=0, bptt_bn="batch"):
     """The net with the paper's settings (leak, solver, dropout 0.2), trained by `method`, and its SGD optimizer.
 
-    The seed gives both methods the same weights.
+    The seed gives both methods the same weights; `bptt_bn` is BPTT's loop BN mode.
     """
-    return build_training(name, time_step, device, seed, method=method)
+    options = dict(method=method, bptt_bn=bptt_bn) if method == "bptt" else dict(method=method)
+    return build_training(name, time_step, device, seed, **options)
 
 
 def gradient_of(model, x, target, amp, seed):
-    """{parameter name: gradient} of one training forward and backward (dropout masks from `seed`)."""
+    """({parameter name: gradient, zero where none reached it}, the state's mean rate, solver_stats) of one
+    training forward and backward (dropout masks from `seed`)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
+    states = []
+    hook = model.snn.register_forward_hook(lambda module, inputs, output: states.append(output.detach()))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         loss = F.cross_entropy(model(x), target)
+    hook.remove()
     loss.backward()
-    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().double().clone()
+             for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return grads
+    return grads, float(states[0].float().mean()), model.solver_stats
 
 
-def cosine(a, b):
-    """Cosine similarity of two tensors as vectors (nan when either is zero)."""
-    a, b = a.flatten(), b.flatten()
-    norms = float(a.norm() * b.norm())
-    return float(a @ b) / norms if norms > 0 else float("nan")
+def cosine(ide, bptt):
+    """Cosine similarity of two gradients as vectors: a float, or "0 = 0" when both are zero and
+    "IDE 0" / "BPTT 0" when one is (the cosine is undefined there, never nan)."""
+    ide, bptt = ide.flatten().double(), bptt.flatten().double()
+    ide_zero, bptt_zero = not bool(ide.any()), not bool(bptt.any())
+    if ide_zero or bptt_zero:
+        return "0 = 0" if ide_zero and bptt_zero else ("IDE 0" if ide_zero else "BPTT 0")
+    return float(ide @ bptt) / float(ide.norm() * bptt.norm())
 
 
-def gradient_cosines(name, time_step, x, target, device, amp=False, seed=0):
-    """(overall cosine, {parameter name: (shape, cosine)}) between IDE's and BPTT's gradient of one batch."""
-    grads = {}
-    for method in METHODS:
-        model, _ = build(name, time_step, method, device, seed)
-        grads[method] = gradient_of(model, x, target, amp, seed + 1)
-    ide, bptt = grads["ide"], grads["bptt"]
+def group_of(parameter):
+    """The GROUPS entry a parameter name belongs to."""
+    return next(group for group, prefix in GROUPS.items() if parameter.startswith(prefix))
+
+
+def compare_gradients(ide, bptt):
+    """({"SNN cos": over every parameter but the classifier's, "<group> cos": per group ("—" for a group the
+    net lacks)}, {parameter name: (shape, cosine)}) of two {name: gradient} dicts."""
+    def joined(grads, names):
+        return torch.cat([grads[n].flatten() for n in names])
+
+    snn = [n for n in ide if group_of(n) != "classifier"]
+    summary = {"SNN cos": cosine(joined(ide, snn), joined(bptt, snn))}
+    for group in GROUPS:
+        names = [n for n in ide if group_of(n) == group]
+        summary[f"{group} cos"] = cosine(joined(ide, names), joined(bptt, names)) if names else "—"
     per_tensor = {n: (tuple(ide[n].shape), cosine(ide[n], bptt[n])) for n in ide}
-    overall = cosine(torch.cat([ide[n].flatten() for n in ide]), torch.cat([bptt[n].flatten() for n in ide]))
-    return overall, per_tensor
+    return summary, per_tensor
+
+
+def gradient_cosines(name, time_step, x, target, device, amp=False, seed=0, bptt_bn="batch"):
+    """(the GRADIENT_COLUMNS of a row but net/T/batch, {parameter name: (shape, cosine)}): IDE's and BPTT's
+    gradients of one batch compared, with each method's mean state rate and IDE's forward residual."""
+    grads, rates, stats = {}, {}, {}
+    for method in METHODS:
+        model, _ = build(name, time_step, method, device, seed, bptt_bn)
+        grads[method], rates[method], stats[method] = gradient_of(model, x, target, amp, seed + 1)
+    summary, per_tensor = compare_gradients(grads["ide"], grads["bptt"])
+    summary.update({"IDE rate": rates["ide"], "BPTT rate": rates["bptt"],
+                    "fwd residual": stats["ide"].get("forward_residual", math.nan)})
+    return summary, per_tensor
 
 
 def step_peak_mb(step, device):
@@ -92,33 +137,35 @@ def step_peak_mb(step, device):
     return cuda_peak_mb(step.full, device) if device.type == "cuda" else cpu_peak_mb(step.full)
 
 
-def time_and_peak(name, time_step, method, x, target, device, repeats, amp=False, seed=0):
+def time_and_peak(name, time_step, method, x, target, device, repeats, amp=False, seed=0, bptt_bn="batch"):
     """(median step ms, peak MB) of `method`'s training step on (x, target)."""
-    model, optimizer = build(name, time_step, method, device, seed)
+    model, optimizer = build(name, time_step, method, device, seed, bptt_bn)
     step = TrainingStep(model, optimizer, x, target, amp)
     step.full()  # warm-up: kernels chosen, optimizer state allocated
     ms = statistics.median(time_ms(step.full, device) for _ in range(repeats))
     return ms, step_peak_mb(step, device)
 
 
-def peak_only(name, time_step, method, batch, device, amp=False, seed=0):
+def peak_only(name, time_step, method, batch, device, amp=False, seed=0, bptt_bn="batch"):
     """Peak MB of `method`'s training step at another batch size (after one warm-up step)."""
     x, target = make_batch(name, batch, time_step, device, seed)
-    model, optimizer = build(name, time_step, method, device, seed)
+    model, optimizer = build(name, time_step, method, device, seed, bptt_bn)
     step = TrainingStep(model, optimizer, x, target, amp)
     step.full()
     return step_peak_mb(step, device)
 
 
-def measure(name, time_step, batch, device, repeats, amp=False, seed=0):
-    """One table row (dict keyed by COLUMNS) and the per-parameter cosines for net `name` at T = time_step."""
+def measure(name, time_step, batch, device, repeats, amp=False, seed=0, bptt_bn="batch", timing=True):
+    """One table row (dict keyed by COLUMNS; the timing columns only if `timing`) and the per-parameter
+    cosines for net `name` at T = time_step."""
     x, target = make_batch(name, batch, time_step, device, seed)
-    overall, per_tensor = gradient_cosines(name, time_step, x, target, device, amp, seed)
-    (ide_ms, ide_mb), (bptt_ms, bptt_mb) = (time_and_peak(name, time_step, method, x, target, device, repeats,
-                                                          amp, seed) for method in METHODS)
-    row = {"net": name, "T": time_step, "batch": batch, "IDE ms": ide_ms, "BPTT ms": bptt_ms,
-           "time BPTT/IDE": bptt_ms / ide_ms, "IDE MB": ide_mb, "BPTT MB": bptt_mb,
-           "mem BPTT/IDE": bptt_mb / ide_mb, "grad cos": overall}
+    summary, per_tensor = gradient_cosines(name, time_step, x, target, device, amp, seed, bptt_bn)
+    row = {"net": name, "T": time_step, "batch": batch, **summary}
+    if timing:
+        (ide_ms, ide_mb), (bptt_ms, bptt_mb) = (time_and_peak(name, time_step, method, x, target, device,
+                                                              repeats, amp, seed, bptt_bn) for method in METHODS)
+        row.update({"IDE ms": ide_ms, "BPTT ms": bptt_ms, "time BPTT/IDE": bptt_ms / ide_ms, "IDE MB": ide_mb,
+                    "BPTT MB": bptt_mb, "mem BPTT/IDE": bptt_mb / ide_mb})
     return row, per_tensor
 
 
@@ -166,9 +213,9 @@ def largest_batch(fits, cap):
     return good, False
 
 
-def cuda_fits(name, time_step, method, device, amp=False):
+def cuda_fits(name, time_step, method, device, amp=False, bptt_bn="batch"):
     """fits(batch): whether one training step of `method` at that batch runs without running out of CUDA memory."""
-    model, optimizer = build(name, time_step, method, device)
+    model, optimizer = build(name, time_step, method, device, bptt_bn=bptt_bn)
 
     def fits(batch):
         ok = True
@@ -192,8 +239,10 @@ def format_cell(column, value):
         return str(value)
     if column in ("time BPTT/IDE", "mem BPTT/IDE"):
         return f"{value:.2f}"
-    if column == "grad cos":
+    if column.endswith(" cos") or column.endswith(" rate"):
         return f"{value:.3f}"
+    if column == "fwd residual":
+        return f"{value:.2e}"
     return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
 
 
@@ -315,22 +364,27 @@ def header(args):
         where = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads or torch.get_num_threads()} threads"
     return (f"torch {torch.__version__}, {where}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
             f"{'bf16 autocast' if args.amp else 'float32'}, median of {args.repeats}; "
-            "BPTT: sigmoid surrogate, alpha 4, reset gradient kept")
+            f"BPTT: sigmoid surrogate, alpha 4, reset gradient kept, loop BN by {args.bptt_bn} statistics")
 
 
 def report(args, rows, cosines, memory):
     """The Markdown report."""
     t_cos = max(args.time_steps)
-    memory_columns = list(memory[0]) if memory else []
-    parts = [header(args), "", markdown_table(COLUMNS, rows), "",
-             f"Cosine of IDE's and BPTT's gradient per parameter tensor at T={t_cos}:", "",
-             markdown_table(("net", "parameter", "shape", "cos"), cosine_rows(cosines, t_cos),
-                            lambda c, v: f"{v:.3f}" if c == "cos" else str(v)), "",
-             ("Largest batch of a training step at T=" + str(t_cos) if args.device == "cuda" else
-              "Peak memory model peak(B, T) = fixed + B·(MB/sample + MB/sample/step·T), fitted to the T series "
-              "at the table's batch and one step at twice that batch"), "",
-             markdown_table(memory_columns, memory, memory_cell), ""]
-    parts += expectation_lines(rows)
+    parts = [header(args), ""]
+    if args.timing:
+        parts += [markdown_table(TIMING_COLUMNS, rows), ""]
+    parts += ["Gradients of one batch, IDE against BPTT (SNN cos: every parameter but the classifier's; rates: "
+              "the state's mean; fwd residual: |f(a) - a|/|a| of IDE's simulated state):", "",
+              markdown_table(GRADIENT_COLUMNS, rows), "",
+              f"Cosine of IDE's and BPTT's gradient per parameter tensor at T={t_cos}:", "",
+              markdown_table(("net", "parameter", "shape", "cos"), cosine_rows(cosines, t_cos),
+                             lambda c, v: f"{v:.3f}" if isinstance(v, float) else str(v)), ""]
+    if args.timing:
+        parts += [("Largest batch of a training step at T=" + str(t_cos) if args.device == "cuda" else
+                   "Peak memory model peak(B, T) = fixed + B·(MB/sample + MB/sample/step·T), fitted to the T "
+                   "series at the table's batch and one step at twice that batch"), "",
+                  markdown_table(list(memory[0]) if memory else [], memory, memory_cell), ""]
+        parts += expectation_lines(rows)
     return "\n".join(parts) + "\n"
 
 
@@ -343,6 +397,10 @@ def parse_args(argv=None):
     p.add_argument("--time-steps", nargs="+", type=int, default=[5, 10, 30, 100])
     add_measurement_flags(p)
     p.add_argument("--max-batch", type=int, default=16384, help="CUDA: the largest batch the search tries")
+    p.add_argument("--bptt-bn", choices=BN_MODES, default="batch",
+                   help="BPTT's loop BN: batch statistics per step, or running statistics (IDE's forward exactly)")
+    p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure step time and memory too (--no-timing: the gradients alone)")
     p.add_argument("--out", default="checkpoints/compare", help="folder for compare.md/.csv/.png")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier comparison in --out")
     args = p.parse_args(argv)
@@ -370,33 +428,36 @@ def run(args):
         batch = batch_size(args, name)
         for time_step in args.time_steps:
             progress(f"{name} T={time_step} batch {batch}")
-            row, cosines[(name, time_step)] = measure(name, time_step, batch, device, args.repeats, args.amp)
+            row, cosines[(name, time_step)] = measure(name, time_step, batch, device, args.repeats, args.amp,
+                                                      bptt_bn=args.bptt_bn, timing=args.timing)
             rows.append(row)
-            progress("  " + ", ".join(f"{c} {format_cell(c, row[c])}" for c in COLUMNS[3:]))
-        for method in METHODS:
+            progress("  " + ", ".join(f"{c} {format_cell(c, row[c])}" for c in COLUMNS[3:] if c in row))
+        for method in METHODS if args.timing else ():
             if args.device == "cuda":
                 progress(f"{name} {method}: largest batch at T={args.time_steps[-1]}")
-                fits = cuda_fits(name, args.time_steps[-1], method, device, args.amp)
+                fits = cuda_fits(name, args.time_steps[-1], method, device, args.amp, args.bptt_bn)
                 batches[(name, method)] = largest_batch(fits, args.max_batch)
                 progress(f"  largest batch {batches[(name, method)]}")
             else:
                 t = args.time_steps[0]
                 progress(f"{name} {method}: peak at batch {2 * batch}, T={t}")
-                extra[(name, method)] = (2 * batch, t, peak_only(name, t, method, 2 * batch, device, args.amp))
+                extra[(name, method)] = (2 * batch, t, peak_only(name, t, method, 2 * batch, device, args.amp,
+                                                                 bptt_bn=args.bptt_bn))
                 progress(f"  peak MB {extra[(name, method)][2]:.1f}")
-    return rows, cosines, memory_rows(rows, extra, args.device, batches)
+    return rows, cosines, memory_rows(rows, extra, args.device, batches) if args.timing else []
 
 
-def write_outputs(folder, text, rows, cosines):
-    """compare.md, compare.csv, compare_cosine.csv and compare.png, written atomically together."""
+def write_outputs(folder, text, rows, cosines, timing=True):
+    """compare.md, compare.csv, compare_cosine.csv and (with timing) compare.png, written atomically together."""
     os.makedirs(folder, exist_ok=True)
     per_tensor = [{"net": name, "T": t, "parameter": p, "shape": "x".join(map(str, shape)), "cos": cos}
                   for (name, t), tensors in cosines.items() for p, (shape, cos) in tensors.items()]
-    texts = {"compare.md": text, "compare.csv": csv_text(COLUMNS, rows),
+    texts = {"compare.md": text, "compare.csv": csv_text(COLUMNS if timing else GRADIENT_COLUMNS, rows),
              "compare_cosine.csv": csv_text(("net", "T", "parameter", "shape", "cos"), per_tensor)}
-    png = plot_png(rows)
     items = [(os.path.join(folder, f), lambda fh, s=s: fh.write(s.encode("utf-8"))) for f, s in texts.items()]
-    items.append((os.path.join(folder, "compare.png"), lambda fh: fh.write(png)))
+    if timing:
+        png = plot_png(rows)
+        items.append((os.path.join(folder, "compare.png"), lambda fh: fh.write(png)))
     atomic_write_all(items)
 
 
@@ -408,8 +469,9 @@ def main(argv=None):
     rows, cosines, memory = run(args)
     text = report(args, rows, cosines, memory)
     print(text)
-    write_outputs(args.out, text, rows, cosines)
-    print(f"written: {', '.join(os.path.join(args.out, f) for f in OUTPUTS)}")
+    write_outputs(args.out, text, rows, cosines, args.timing)
+    written = OUTPUTS if args.timing else OUTPUTS[:-1]
+    print(f"written: {', '.join(os.path.join(args.out, f) for f in written)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from modules import ARCHITECTURES, GRADIENTS, METHODS, NETS, SOLVERS, SURROGATES, adjoint_solve, is_leaky, settings
+from modules import (ARCHITECTURES, BN_MODES, GRADIENTS, METHODS, NETS, PHANTOM_FORMS, SOLVERS, SURROGATES,
+                     adjoint_solve, is_leaky, settings)
 
 OPTIMIZERS = ('SGD', 'Adam')
 # Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
@@ -15,8 +16,11 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
                'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 # The gradient's options besides the paper's solver settings (build_model's defaults).
-GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
-                         solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
+GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, phantom_form='neumann',
+                         forward_residual=True, solver_log=None, method='ide', surrogate='sigmoid',
+                         surrogate_alpha=None, detach_reset=False, bptt_bn='batch')
+# Flags added after checkpoints were written, with the value that reproduces what such an older run did.
+SAVED_BEFORE_FLAG = dict(bptt_bn='running')
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
                     gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
@@ -143,6 +147,10 @@ def _gradient_flags(parser, default, net):
     group.add_argument('--phantom-k', type=POSITIVE_INT, default=default('phantom_k'), help='phantom: steps K')
     group.add_argument('--phantom-tau', type=DAMPING, default=default('phantom_tau'),
                        help='phantom: damping tau in (0, 1]')
+    group.add_argument('--phantom-form', default=default('phantom_form'), choices=PHANTOM_FORMS,
+                       help='phantom: neumann, the Neumann-series phantom gradient (K damped adjoint steps with J at '
+                            'one point); unroll, the unrolled one (K damped steps of f from the state, '
+                            'differentiated), as Geng et al. 2021 name them')
     group.add_argument('--forward-residual', action=argparse.BooleanOptionalAction,
                        default=default('forward_residual'),
                        help='measure |f(a) - a| / |a| of the simulated rate at every training step (one more '
@@ -155,10 +163,13 @@ def _gradient_flags(parser, default, net):
     group.add_argument('--surrogate', default=default('surrogate'), choices=sorted(SURROGATES),
                        help='bptt: the surrogate of the spike\'s derivative')
     group.add_argument('--surrogate-alpha', type=OPTIONAL_POSITIVE, default=default('surrogate_alpha'),
-                       help='bptt: the surrogate\'s width parameter; none: its default (sigmoid 4, atan 2, '
-                            'rect 1) (default: none)')
+                       help='bptt: the surrogate\'s sharpness alpha, as SpikingJelly defines it (rect: height alpha, '
+                            'width 1/alpha); none: its default (sigmoid 4, atan 2, rect 1) (default: none)')
     group.add_argument('--detach-reset', action=argparse.BooleanOptionalAction, default=default('detach_reset'),
                        help='bptt: cut the gradient of the reset term')
+    group.add_argument('--bptt-bn', default=default('bptt_bn'), choices=BN_MODES,
+                       help='bptt: how BN inside the feedback loop normalises in training: batch, each time step\'s '
+                            'batch statistics; running, the running statistics (IDE\'s forward exactly)')
 
 
 def _optimisation_flags(parser, default, net):
@@ -236,7 +247,7 @@ def check_args(parser, args, arch):
         args.sweep_T = sorted(set(args.sweep_T))
     try:
         adjoint_solve(args.grad, args.solver, args.threshold, args.tol, args.solver_memory, args.phantom_k,
-                      args.phantom_tau)
+                      args.phantom_tau, args.phantom_form)
     except ValueError as exc:
         parser.error(f'--grad/--solver: {exc}')
     if args.rewind and not args.resume:
@@ -306,6 +317,8 @@ def adopt_saved_flags(args, explicit, saved):
     flag replaced, each as {flag: (saved value, value used)}.
     """
     taken, overridden = {}, {}
+    if saved is not None:
+        saved = {**SAVED_BEFORE_FLAG, **saved}
     for key, value in (saved or {}).items():
         if not hasattr(args, key) or key in LOCAL_FLAGS:
             continue

@@ -275,8 +275,9 @@ def model_args_of(args, num_classes):
     return dict(num_classes=num_classes, time_step=args.time_step, leaky=args.leaky, vth=args.vth,
                 dropout=args.drop, solver=args.solver, threshold=args.threshold, tol=args.tol,
                 solver_memory=args.solver_memory, grad=args.grad, phantom_k=args.phantom_k,
-                phantom_tau=args.phantom_tau, forward_residual=args.forward_residual, method=args.method,
-                surrogate=args.surrogate, surrogate_alpha=args.surrogate_alpha, detach_reset=args.detach_reset)
+                phantom_tau=args.phantom_tau, phantom_form=args.phantom_form, forward_residual=args.forward_residual,
+                method=args.method, surrogate=args.surrogate, surrogate_alpha=args.surrogate_alpha,
+                detach_reset=args.detach_reset, bptt_bn=args.bptt_bn)
 
 
 def build(arch, model_args, ckpt, say):
