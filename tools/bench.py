@@ -47,11 +47,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model
+from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model, settings
 
-BENCH_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
-# The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
-LEAK = {"mnist_conv": 0.95, "fashion_mlp": 0.95, "nmnist_conv": 0.95, "alexnetf": 0.99, "cifarnetf": 0.99}
 # Small batches keep the whole CPU table within minutes on two cores.
 CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf": 8, "cifarnetf": 8}
 SPIKE_DENSITY = 0.1
@@ -78,15 +75,18 @@ def make_batch(name, batch, time_step, device, seed=0):
 
 
 def build_training(name, time_step, device, seed=0, **gradient_options):
-    """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer.
+    """The net with the paper's settings (modules.settings: leak, solver, iterations, dropout) and its SGD optimizer.
 
     gradient_options: build_model's solver (None: the paper's), grad, solver_memory, phantom_k, phantom_tau.
     """
     torch.manual_seed(seed)
+    paper = settings.defaults(name)
     options = dict(gradient_options)
-    options["solver"] = options.get("solver") or NETS[name].solver
-    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2, **options).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    options["solver"] = options.get("solver") or paper["solver"]
+    model = build_model(name, time_step=time_step, leaky=paper["leaky"], dropout=paper["drop"],
+                        threshold=paper["threshold"], **options).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=paper["lr"], momentum=paper["momentum"],
+                                weight_decay=paper["weight_decay"])
     return model, optimizer
 
 
@@ -338,7 +338,7 @@ def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
+    p.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
     add_measurement_flags(p)
     p.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="adjoint solver (default: the net's)")

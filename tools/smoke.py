@@ -36,9 +36,9 @@ from torch import nn
 
 from modules import NETS, build_model, precision
 from tools import bench
+from utils.checkpoint import CHECKPOINT_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
 CHECKS = ("step", "resume", "ddp", "bench")
 # mode: (bf16 autocast, TF32 allowed)
 MODES = {"fp32": (False, False), "amp": (True, False), "fp32+tf32": (False, True), "amp+tf32": (True, True)}
@@ -219,12 +219,12 @@ def resume_check(name, device, time_step, batch, threshold, folder):
     with quiet():
         main(base + ["-c", straight, "--epochs", "2"])
         main(base + ["-c", split, "--epochs", "1"])
-        main(["--resume", os.path.join(split, "checkpoint.pth.tar"), "--epochs", "2"]
+        main(["--resume", os.path.join(split, CHECKPOINT_NAME), "--epochs", "2"]
              + (["--deterministic"] if device == "cuda" else []))
-    a, b = (load_state(os.path.join(f, "checkpoint.pth.tar")) for f in (straight, split))
+    a, b = (load_state(os.path.join(f, CHECKPOINT_NAME)) for f in (straight, split))
     differ = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     on_cpu = all(t.device.type == "cpu" for t in b["state_dict"].values())
-    acc = evaluate_on_cpu(name, os.path.join(split, "checkpoint.pth.tar"), device, folder)
+    acc = evaluate_on_cpu(name, os.path.join(split, CHECKPOINT_NAME), device, folder)
     # The same device evaluates to the stored accuracy exactly; another may flip a spike, so an image or two.
     acc_ok = abs(acc - b["acc"]) <= (1e-6 if device == "cpu" else 1.0)
     detail = (f"{len(differ)} of {len(a['state_dict'])} tensors differ after 2 epochs vs 1+1; "
@@ -307,7 +307,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
-    p.add_argument("--nets", nargs="+", choices=PAPER_NETS, default=list(PAPER_NETS), help="nets of the step check")
+    p.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS), help="nets of the step check")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=None,
                    help="modes of the step check (default: fp32 and amp; on CUDA also with TF32)")
     p.add_argument("--time-step", type=int, default=8, help="T of the step, resume and ddp checks")
@@ -316,9 +316,9 @@ def parse_args(argv=None):
     p.add_argument("--resume-net", choices=("mnist_conv", "fashion_mlp"), default="mnist_conv",
                    help="net of the resume check (both train on digits)")
     p.add_argument("--resume-batch", type=int, default=64, help="training batch of the resume check")
-    p.add_argument("--ddp-nets", nargs="+", choices=PAPER_NETS, default=list(DDP_NETS))
+    p.add_argument("--ddp-nets", nargs="+", choices=tuple(NETS), default=list(DDP_NETS))
     p.add_argument("--ddp-steps", type=int, default=3)
-    p.add_argument("--bench-nets", nargs="+", choices=bench.BENCH_NETS, default=list(DDP_NETS))
+    p.add_argument("--bench-nets", nargs="+", choices=tuple(NETS), default=list(DDP_NETS))
     p.add_argument("--bench-time-steps", nargs="+", type=int, default=[30, 100])
     p.add_argument("--bench-batch", type=int, default=None, help="default: tools.bench's for the device")
     args = p.parse_args(argv)

@@ -319,6 +319,13 @@ def adopt_saved_flags(args, explicit, saved):
     return taken, overridden
 
 
+def hyperparameters(args):
+    """The optimizer's settings that come from the flags (the learning rate is set at every step)."""
+    if args.optimizer == 'Adam':
+        return dict(weight_decay=args.weight_decay)
+    return dict(momentum=args.momentum, weight_decay=args.weight_decay)
+
+
 def flag_changes(changes):
     """'name=value, ...' or 'name old -> new, ...' for the dicts adopt_saved_flags returns."""
     return ', '.join(f'--{k.replace("_", "-")} {a} -> {b}' for k, (a, b) in sorted(changes.items()))

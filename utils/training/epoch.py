@@ -12,18 +12,15 @@ import time
 import torch
 from progress.bar import Bar
 
+from utils import flags
 from utils.training import distributed
-from utils.training.console import warn
+from utils.training.console import RunError, warn
 from utils.training.meters import AverageMeter, accuracy
 
 MAX_BAD_STEPS = 5
 # Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.
 DIAGNOSTICS = {'Fwd Res.': 'forward_residual', 'Bwd Res.': 'rel_residual', 'Bwd Iters': 'nstep',
                'Bwd Capped': 'capped', 'Contraction': 'contraction'}
-
-
-class RunError(Exception):
-    """A run cannot go on; the message is one line meant for the user."""
 
 
 class TooManyFaults(RunError):
@@ -69,17 +66,10 @@ def set_lr(optimizer, lr):
         group['lr'] = lr
 
 
-def hyperparameters(args):
-    """The optimizer's settings that come from the flags (the learning rate is set at every step)."""
-    if args.optimizer == 'Adam':
-        return dict(weight_decay=args.weight_decay)
-    return dict(momentum=args.momentum, weight_decay=args.weight_decay)
-
-
 def make_optimizer(args, params):
     """SGD with momentum and weight decay, or Adam with weight decay."""
     kind = torch.optim.Adam if args.optimizer == 'Adam' else torch.optim.SGD
-    return kind(params, lr=args.lr, **hyperparameters(args))
+    return kind(params, lr=args.lr, **flags.hyperparameters(args))
 
 
 def autocast(device, enabled):

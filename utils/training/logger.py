@@ -6,7 +6,9 @@ from matplotlib.figure import Figure
 
 from utils.files import append_line, atomic_write, atomic_write_text
 
-DEFAULT_NAMES = ('Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.')
+# The log's columns: the paper's, then skipped steps (then utils.training.epoch.DIAGNOSTICS, see resume.log_columns).
+PAPER_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.']
+BASE_COLUMNS = PAPER_COLUMNS + ['Skipped']
 
 
 def _read_text(path):
@@ -41,7 +43,7 @@ class Logger:
         """Open the log at fpath; an existing non-empty log needs resume=True."""
         self.fpath = os.fspath(fpath)
         self.title = title or ''
-        self.names = list(DEFAULT_NAMES)
+        self.names = list(PAPER_COLUMNS)
         self.numbers = {name: [] for name in self.names}
         self._header_written = False
         self._pending_newline = False
