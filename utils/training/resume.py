@@ -287,15 +287,8 @@ def seed_everything(seed):
 
 def save_state(state, is_best, folder, ctx, device):
     """Rank 0 saves; every process learns whether it worked and raises the same error if not."""
-    error = None
-    if ctx.is_main:
-        try:
-            save_checkpoint(state, is_best, folder, CHECKPOINT_NAME)
-        except CheckpointError as exc:
-            error = exc
-    (failed,) = distributed.any_all([error is not None], ctx, device)
-    if failed:
-        raise error or RunError('rank 0 could not write the checkpoint')
+    distributed.first_then_all(lambda: save_checkpoint(state, is_best, folder, CHECKPOINT_NAME), ctx, device,
+                               (CheckpointError,), RunError('rank 0 could not write the checkpoint'))
     return os.path.join(folder, CHECKPOINT_NAME)
 
 
