@@ -148,22 +148,15 @@ def paper_model(name, time_step, threshold, seed=0):
 
 def gradients_at_rate(model, x, target, rate=None, amp=False):
     """(gradients, simulated rate) of one cross-entropy step; `rate` given replaces the simulation's."""
-    snn, seen = model.snn, {}
-    simulate = snn.simulate
-
-    def recorded(inputs, all_rates=False):
-        out = simulate(inputs, all_rates) if rate is None else (rate, None)
-        seen["rate"] = out[0]
-        return out
-
-    snn.simulate = recorded
-    try:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-    finally:
-        del snn.simulate
-    return {n: p.grad for n, p in model.named_parameters()}, seen["rate"]
+    snn = model.snn
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        snn.begin_forward()  # the reference too: its power-iteration step sets the feedback's scale
+        if rate is None:
+            with precision.forward_precision():
+                rate, _ = snn.simulate(x)
+        loss = F.cross_entropy(model.classifier(snn(x, rate).flatten(1)), target)
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}, rate
 
 
 def relative_error(grads, reference):
