@@ -40,6 +40,7 @@ RSS; memory that oneDNN or BLAS allocate outside PyTorch is not counted).
 On a machine shared with other processes, OpenMP threads that spin while
 waiting make every parallel kernel wait for a scheduler slice;
 `OMP_WAIT_POLICY=PASSIVE` avoids it (the header line shows the setting).
+Longer than most modules: the measurement, its flags and its table are one program (tools.compare reuses them).
 """
 import argparse
 import collections

@@ -17,6 +17,8 @@ the exit code is 1 if any check failed:
   GPUs are visible) take three steps of mnist_conv and alexnetf on small fake
   data sets and end with equal parameters;
 - bench: `tools.bench` rows of mnist_conv and alexnetf at T = 30 and 100.
+
+Longer than most modules: the four checks are one program, run together on a new machine.
 """
 import argparse
 import contextlib

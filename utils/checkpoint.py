@@ -56,13 +56,6 @@ def _refuse_unsafe(obj, path):
                               f'dicts or tensors)')
 
 
-def atomic_save(obj, path):
-    """torch.save obj to path atomically; on failure the old file stays, CheckpointError is raised."""
-    _refuse_unsafe(obj, path)
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-
 def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME):
     """Save state atomically as folder/filename, also as model_best.pth.tar if is_best; return the path.
 

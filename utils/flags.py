@@ -1,4 +1,7 @@
-"""The command-line flags every training script shares, their validation, and GPU selection."""
+"""The command-line flags every training script shares, their validation, and GPU selection.
+
+Longer than most modules: every flag with its help text stands here once, grouped by what it sets.
+"""
 import argparse
 import math
 import os

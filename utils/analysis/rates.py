@@ -6,6 +6,8 @@ A layer's rate is the mean over its n_l neurons, averaged over the samples;
 the total is the neuron-weighted mean over all spiking layers,
 Σ_l n_l·r_l / Σ_l n_l, i.e. total spikes / (samples · neurons · T).
 Synaptic operations, MACs and energy per sample come with them (utils.analysis.sops).
+Longer than most modules: the measurement and its four renderings (table,
+JSON, CSV, PNG) share the rows of `op_rows`, which stand here once.
 """
 import csv
 import io

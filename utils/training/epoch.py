@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass, with the learning-rate schedule and the step guards they need.
 
 Every dependency is an argument, so the pieces can be used without the
-command-line loop of utils/train.py.
+command-line loop of utils/training/run.py.
 """
 import datetime
 import functools

@@ -13,6 +13,8 @@ Rules (README, "Nothing lost"):
   log or other checkpoint is there.
 - The flags not typed are taken from the checkpoint; a flag typed wins, the
   optimizer's saved hyperparameters included.
+
+A little longer than most modules: these rules are one policy, kept in one place.
 """
 import fcntl
 import math

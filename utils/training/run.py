@@ -1,8 +1,10 @@
 """The command-line run every training script shares: flags → data → model → resume → epochs.
 
 A script calls `run(arch, argv, description)`. `main` reads top to bottom; the
-folder and resume policy lives in utils/checkpoint.py, one epoch and the
-evaluation pass in utils/engine.py.
+folder and resume policy lives in utils/training/resume.py, one epoch and the
+evaluation pass in utils/training/epoch.py. Longer than most modules because
+it is the whole run in one file, read in order: each step is a short function
+of its own.
 """
 import contextlib
 import datetime
