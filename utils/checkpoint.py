@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from modules.release import from_release, is_release_layout
-from utils.files import CheckpointError, _cannot_write, _reason, atomic_write, atomic_write_all
+from utils.files import CheckpointError, _cannot_write, _reason, atomic_write_all
 
 # The files of a run folder.
 CHECKPOINT_NAME = 'checkpoint.pth.tar'

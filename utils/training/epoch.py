@@ -82,11 +82,11 @@ def native_bf16():
     """True when this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
-            flags = f.read()
+            cpu_flags = f.read()
     except OSError:
-        flags = None
-    if flags is not None:
-        return any(flag in flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
+        cpu_flags = None
+    if cpu_flags is not None:
+        return any(flag in cpu_flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
     # No /proc (e.g. macOS): time one convolution in both formats; emulation is tens of times slower.
     x, w = torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3)
 
