@@ -11,24 +11,21 @@ for several T (rates_<checkpoint>_sweepT<...>.*).
     python get_rate.py --arch alexnetf --dataset cifar10 --path ./data --time_step 30 --leaky 0.99 \
         --resume checkpoints/cifar10/model_best.pth.tar --sweep-T 10 30 100
 """
-import contextlib
 import inspect
 import os
 import signal
 import sys
-import threading
 
 import torch
-from progress.bar import Bar
-from torch.utils.data import DataLoader
 
-from modules import ARCHITECTURES, NETS, build_model, settings
-from utils import flags
-from utils.data.datasets import DataError, get_datasets
+from modules import NETS, build_model, settings
+from utils import flags, signals
+from utils.analysis.sweep import LoadersByT, measure as evaluate, model_at
+from utils.data.datasets import DataError
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError, make_writable_folder, refuse_existing_files
-from utils.analysis.rates import (evaluate_rates, format_sweep, format_table, neuron_text, output_paths, rates_png,
-                         stats_dict, sweep_png, write_files)
+from utils.analysis.rates import (format_sweep, format_table, neuron_text, output_paths, rates_png, stats_dict,
+                                  sweep_png, write_files)
 from utils.analysis.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
 
 _MODEL_KWARGS = set(inspect.signature(build_model).parameters) - {'name'}
@@ -120,91 +117,10 @@ def model_kwargs(args, ckpt):
             'vth': args.vth or saved.get('vth', paper['vth'])}
 
 
-def evaluate(model, loader, device, title):
-    """evaluate_rates with a progress bar (shown only on a terminal)."""
-    bar = Bar(title, max=len(loader), file=sys.stderr)
-    try:
-        return evaluate_rates(model.to(device), loader, device, progress=lambda done, total: bar.next())
-    finally:
-        bar.finish()  # ends the bar's line, also before the message of a stop
-
-
-class EvalData:
-    """The test set's loader for a given T, and its class count; spike input is binned into T frames."""
-
-    def __init__(self, args, device):
-        """Remember where and how to load the test set; nothing is read yet."""
-        self.args, self.device = args, device
-        self.spike_input = ARCHITECTURES[args.arch].spike_input
-        self.num_classes = None
-        self._loaders = {}
-
-    def loader(self, time_step):
-        """The test loader for time_step (images are loaded once for every T)."""
-        key = time_step if self.spike_input else None
-        if key not in self._loaders:
-            args = self.args
-            _, test_set, self.num_classes = get_datasets(args.dataset, args.path, time_step)
-            if len(test_set) == 0:
-                raise DataError(f'the {args.dataset} test set under {args.path} has no samples')
-            self._loaders[key] = DataLoader(test_set, batch_size=args.test_batch, shuffle=False,
-                                            num_workers=args.workers, pin_memory=self.device.type == 'cuda')
-        return self._loaders[key]
-
-
-def measure(arch, kwargs, state_dict, data, device):
-    """Statistics of the given weights for a network built with kwargs."""
-    model = build_model(arch, **kwargs)
-    model.load_state_dict(state_dict)
-    return evaluate(model, data.loader(kwargs['time_step']), device, f"T={kwargs['time_step']}")
-
-
-class Stopped(Exception):
-    """SIGTERM arrived; the run stops as it does for Ctrl-C."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends, then act on the first one that came (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread can handle signals
-        yield
-        return
-    received = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            signal.raise_signal(received[0])
-
-
-@contextlib.contextmanager
-def sigterm_stops():
-    """Turn SIGTERM into Stopped for the block (Ctrl-C already raises KeyboardInterrupt; main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Stopped(signum)
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def write_stats(paths, payload, runs, png, costs, written):
     """Write the JSON, CSV and PNG files of one or more runs together; append their paths to written."""
     # A stop while the files are moved into place would leave some replaced and some not.
-    with signals_deferred():
+    with signals.deferred():
         write_files(paths, payload, runs, png, costs)
         written.extend(paths.values())
     print('==> Wrote ' + ', '.join(paths.values()))
@@ -228,13 +144,13 @@ def run(args, written):
     costs = EnergyCosts(args.e_ac, args.e_mac)
 
     print(f'==> Preparing dataset {args.dataset}')
-    data = EvalData(args, device)
-    data.loader(kwargs['time_step'])
+    data = LoadersByT(args.arch, args.dataset, args.path, args.test_batch, args.workers, device)
+    data(kwargs['time_step'])
     kwargs['num_classes'] = data.num_classes
     print(f"==> Model {args.arch} ({data.num_classes} classes) from {args.resume}")
     model = build_model(args.arch, **kwargs)
     load_into_model(model, ckpt, expected_arch=args.arch, expected_args={'num_classes': data.num_classes})
-    stats = evaluate(model, data.loader(kwargs['time_step']), device, f"T={kwargs['time_step']}")
+    stats = evaluate(model, data(kwargs['time_step']), device, f"T={kwargs['time_step']}")
     print(f'==> {stats.samples} test samples, T={stats.time_step}, {neuron_text(stats)}, Vth {stats.vth:g}')
     print(' Test Loss:  %.8f, Test Acc:  %.2f' % (stats.loss, stats.acc))
     print('==> Per test sample:')
@@ -245,8 +161,8 @@ def run(args, written):
     write_stats(paths, {**meta, **stats_dict(stats, costs)}, [stats],
                 rates_png(stats, f'{title}, T={stats.time_step}, acc {stats.acc:.2f}%'), costs, written)
     if args.sweep_T:
-        runs = [stats if t == stats.time_step else measure(args.arch, dict(kwargs, time_step=t), model.state_dict(),
-                                                           data, device)
+        runs = [stats if t == stats.time_step else
+                evaluate(model_at(args.arch, kwargs, model.state_dict(), t), data(t), device, f'T={t}')
                 for t in args.sweep_T]
         print(f'==> Accuracy, rates, SOPs and energy as functions of T ({neuron_text(stats)})')
         print(format_sweep(runs, costs))
@@ -267,9 +183,10 @@ def main(argv=None, arch=None, prog=None):
     args = parse_args(argv, arch, prog)
     written = []
     try:
-        with sigterm_stops():
+        # Ctrl-C raises KeyboardInterrupt already.
+        with signals.interrupting((signal.SIGTERM,)):
             run(args, written)
-    except (KeyboardInterrupt, Stopped) as exc:
+    except (KeyboardInterrupt, signals.Interrupted) as exc:
         print(interrupted_line(prog, written), file=sys.stderr)
         return 128 + getattr(exc, 'signum', signal.SIGINT)
     except (DataError, CheckpointError) as exc:

@@ -39,12 +39,6 @@ def tf32_flags():
     return [getattr(owner, name) for owner, name in _backends()]
 
 
-def tf32_enabled():
-    """True where matrix products and cuDNN convolutions may both run in TF32 right now."""
-    flags = tf32_flags()
-    return all(flag in (True, "tf32") for flag in flags[:2])
-
-
 def set_tf32_flags(values):
     """Restore settings returned by `tf32_flags()`."""
     for (owner, name), value in zip(_backends(), values):

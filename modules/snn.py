@@ -91,6 +91,8 @@ class FeedbackSNN(nn.Module):
         self.solver_stats = None
         # A modules.bptt.BPTT trains by back-propagation through the simulation instead (None: IDE).
         self.bptt = None
+        # A tool's timer(name) -> context manager, entered around each part of a training step (see region).
+        self.timer = None
 
     def configure_solver(self, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
                          phantom_k=5, phantom_tau=0.5, phantom_form="neumann"):
@@ -252,18 +254,34 @@ class FeedbackSNN(nn.Module):
             point, f_point = state, z
         return z, point, full_float32_vjp(point, f_point)
 
-    def forward(self, x):
-        """The state rate; in training its gradient is the implicit one (or BPTT's, see `bptt`)."""
+    def region(self, name):
+        """The context of one part of a training step: 'ide.simulate' (with begin_forward), 'ide.f' (f with
+        autograd), 'ide.solve' (the adjoint solve), 'ide.vjp' (each of its vector–Jacobian products).
+
+        A torch.profiler range, or `self.timer(name)` when a tool has set one.
+        """
+        return torch.profiler.record_function(name) if self.timer is None else self.timer(name)
+
+    def forward(self, x, rate=None):
+        """The state rate; in training its gradient is the implicit one (or BPTT's, see `bptt`).
+
+        rate: the state rate of this forward's simulation, when the caller has
+        run it already (begin_forward, then simulate under forward_precision).
+        """
         if self.bptt is not None and self.training and torch.is_grad_enabled():
             return self.bptt(self, x)
-        if self.training:
-            self.begin_forward()
-        with forward_precision():
-            rate, _ = self.simulate(x)
-            if not (self.training and torch.is_grad_enabled()):
-                return rate
-            if self.grad == "phantom" and self.phantom_form == "unroll":
+        if rate is None:
+            with self.region("ide.simulate"):
+                if self.training:
+                    self.begin_forward()
+                with forward_precision():
+                    rate, _ = self.simulate(x)
+        if not (self.training and torch.is_grad_enabled()):
+            return rate
+        if self.grad == "phantom" and self.phantom_form == "unroll":
+            with self.region("ide.f"), forward_precision():
                 return self._unrolled_phantom(x, rate)
+        with self.region("ide.f"), forward_precision():
             z, point, f_point = self.differentiable_parts(x, rate)
         return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.adjoint.starts_from_v,
                                       self._recorder(rate, z))
@@ -286,7 +304,11 @@ class FeedbackSNN(nn.Module):
         return ValueWithGradientOf.apply(rate, z)
 
     def _solve(self, func, y0, f0=None):
-        return self.adjoint(func, y0, f0=f0)
+        def adjoint_map(y):
+            with self.region("ide.vjp"):
+                return func(y)
+        with self.region("ide.solve"):
+            return self.adjoint(adjoint_map, y0, f0=f0)
 
     def _recorder(self, rate, z):
         """The function that stores the backward's solver info, with this forward's diagnostics, in solver_stats.

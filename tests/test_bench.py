@@ -1,4 +1,4 @@
-"""The training-step benchmark: its command runs, and its parts add up to the training step."""
+"""The training-step benchmark: its command runs, and timing a step part by part leaves the step as it is."""
 import copy
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tools.bench import COLUMNS, TrainingStep, build_training, cpu_peak_mb, make_batch
+from tools.bench import COLUMNS, RegionTimer, TrainingStep, build_training, cpu_peak_mb, make_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,52 +44,26 @@ def twin_steps(name, amp=False, time_step=3, batch=2):
 
 @pytest.mark.parametrize("name, amp", [("fashion_mlp", False), ("nmnist_conv", False), ("alexnetf", False),
                                        ("mnist_conv", True)])
-def test_parts_make_the_training_step(name, amp):
-    """Simulation, f forward/backward with the adjoint solve, and the optimizer step, run as parts,
-    give the same loss, gradients, parameters and buffers as the step the training loop runs."""
-    whole, parts = twin_steps(name, amp)
+def test_a_timed_step_is_the_training_step(name, amp):
+    """Timing a step through the net's timer changes nothing it computes (loss, gradients, parameters, buffers),
+    its regions lie inside the step, one VJP region per evaluation of the adjoint map, and the timer is unset after."""
+    whole, timed = twin_steps(name, amp)
     torch.manual_seed(7)
     loss = whole.full()
-    grads = {n: p.grad.clone() for n, p in whole.model.named_parameters() if p.grad is not None}
     torch.manual_seed(7)
-    parts_loss = parts.by_parts()
-    assert torch.equal(loss, parts_loss)
-    assert grads.keys() == {n for n, p in parts.model.named_parameters() if p.grad is not None}
-    for n, p in parts.model.named_parameters():
-        if p.grad is not None:
-            assert torch.equal(p.grad, grads[n]), n
-    for (n, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
+    timer = RegionTimer(torch.device("cpu"))
+    assert torch.equal(timed.full(timer), loss)
+    for (n, p), q in zip(whole.model.named_parameters(), timed.model.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
+    for (n, a), b in zip(whole.model.state_dict().items(), timed.model.state_dict().values()):
         assert torch.equal(a, b), n
-    assert whole.model.solver_stats["trace"] == parts.info["trace"]
-
-
-@pytest.mark.parametrize("name", ["mnist_conv", "alexnetf"])
-def test_timed_f_part_gives_the_steps_gradients(name):
-    """The f part as timed (adjoint solution given) leaves the same gradients as with the solve inside,
-    and the solve timed alone on a captured graph reproduces the step's adjoint solution."""
-    _, step = twin_steps(name)
-    step.simulate()
-    step.forward_backward(step.solve_and_keep)
-    grads = [p.grad.clone() for p in step.model.parameters()]
-    y, trace = step.y.clone(), step.info["trace"]
-    step.forward_backward(step.given_solution)
-    assert all(torch.equal(p.grad, g) for p, g in zip(step.model.parameters(), grads))
-    step.capture()
-    info = step.solve()
-    assert info["trace"] == trace
-    assert torch.equal(step.net_solve(step.adjoint_map, step.y0, f0=step.f0)[0], y)
-
-
-def test_parts_leave_the_model_as_it_was():
-    """After the parts ran, the net's own simulate, begin_forward and solve are in place again."""
-    _, step = twin_steps("fashion_mlp")
-    step.by_parts()
-    step.capture()
-    step.solve()
-    assert not {"simulate", "begin_forward", "_solve"} & set(vars(step.snn))
-    step.release()
-    torch.manual_seed(3)
-    assert torch.isfinite(step.full())
+    assert whole.model.solver_stats["trace"] == timed.model.solver_stats["trace"]
+    assert {name: len(ms) for name, ms in timer.ms.items() if name != "ide.vjp"} == {
+        "step": 1, "ide.simulate": 1, "ide.f": 1, "ide.solve": 1, "optim": 1}
+    assert len(timer.ms["ide.vjp"]) == timed.model.solver_stats["nfev"]
+    parts = sum(timer.ms[name][0] for name in ("ide.simulate", "ide.f", "ide.solve", "optim"))
+    assert parts <= timer.ms["step"][0] and sum(timer.ms["ide.vjp"]) <= timer.ms["ide.solve"][0]
+    assert timed.model.snn.timer is None
 
 
 def test_cpu_peak_counts_live_tensor_memory():

@@ -10,12 +10,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from utils.checkpoint import atomic_save, check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state, save_checkpoint, set_rng_state
-from utils.files import CheckpointError, atomic_write_text
+from utils.checkpoint import check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state, save_checkpoint, set_rng_state
+from utils.files import CheckpointError, atomic_write, atomic_write_text
 from utils.training.logger import Logger
 from utils.training.meters import AverageMeter, accuracy
 
 FB = 'snn.feedback.linear.parametrizations.weight.'
+
+
+def atomic_save(obj, path):
+    """torch.save obj to path through utils.files.atomic_write, as save_checkpoint writes."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def bn_shapes(channels):

@@ -147,7 +147,7 @@ def test_single_event_channel_and_frame(tmp_path):
     # Reading back: pos 1263 >= 1156 -> p 1, pos 107 -> x 3, y 5; bin 1 -> frame 0.
     path = write_bin(tmp_path / "one.bin", [(3, 5, ON, 1000)])
     assert nmnist.convert_bin(path) == "1264\t1\t\n"
-    frames = nmnist.load_frames(path, 4)
+    frames = nmnist.frames_from_bins(*nmnist.read_sample(path), 4)
     assert frames.shape == (2, 34, 34, 4) and frames.dtype == torch.float32
     assert frames.sum() == 1 and frames[1, 3, 5, 0] == 1
 
@@ -157,7 +157,7 @@ def test_all_events_dropped_gives_empty_file_and_empty_frames(tmp_path):
     assert nmnist.convert_bin(path) == ""
     dat = tmp_path / "gone.dat"
     dat.write_text("")
-    assert nmnist.load_frames(dat, 3).sum() == 0
+    assert nmnist.frames_from_bins(*nmnist.read_sample(dat), 3).sum() == 0
 
 
 # --- text reader and frames --------------------------------------------------
@@ -182,15 +182,16 @@ def test_text_and_raw_frames_identical_on_random_events(tmp_path):
     dat = tmp_path / "r.dat"
     dat.write_text(nmnist.convert_bin(raw))
     assert [a.tolist() for a in nmnist.read_sample(dat)] == [a.tolist() for a in nmnist.read_sample(raw)]
-    assert torch.equal(nmnist.load_frames(dat, 30), nmnist.load_frames(raw, 30))
+    assert torch.equal(nmnist.frames_from_bins(*nmnist.read_sample(dat), 30),
+                       nmnist.frames_from_bins(*nmnist.read_sample(raw), 30))
 
 
 @needs_sample
 def test_text_and_raw_frames_identical_on_real_sample(tmp_path):
     dat = tmp_path / "1.dat"
     dat.write_text(nmnist.convert_bin(SAMPLE))
-    text_frames = nmnist.load_frames(dat, 120)
-    assert torch.equal(text_frames, nmnist.load_frames(SAMPLE, 120))
+    text_frames = nmnist.frames_from_bins(*nmnist.read_sample(dat), 120)
+    assert torch.equal(text_frames, nmnist.frames_from_bins(*nmnist.read_sample(SAMPLE), 120))
     assert text_frames.sum() > 3000
 
 

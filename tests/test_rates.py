@@ -23,7 +23,6 @@ from tools.fakedata import make_cifar, make_mnist
 from tests.nmnist_fakes import make_nmnist_tree
 from tests.test_release_checkpoints import lively_, release_checkpoint, sample_input
 from utils.data.datasets import get_datasets
-from utils.checkpoint import atomic_save
 from utils.files import checkpoint_stem
 from utils.analysis.rates import (LayerRate, RateStats, evaluate_rates, format_table, logits_and_rates,
                          output_paths, weighted_total)
@@ -146,10 +145,10 @@ def write_project_checkpoint(path, name, num_classes=10, time_step=2, leaky=0.99
     torch.manual_seed(seed)
     model = lively_(build_model(name, num_classes=num_classes, time_step=time_step, leaky=leaky), seed)
     extra = {} if dataset is None else {'args': {'dataset': dataset, 'time_step': time_step, 'lr': 0.1}}
-    atomic_save({'arch': name, 'state_dict': model.state_dict(), 'epoch': 3, 'acc': 10.0, 'best_acc': 10.0,
-                 'model_args': {'num_classes': num_classes, 'time_step': time_step, 'leaky': leaky, 'vth': 2.0,
-                                'dropout': 0.2, 'solver': NETS[name].solver, 'threshold': 30}, **extra},
-                path)
+    torch.save({'arch': name, 'state_dict': model.state_dict(), 'epoch': 3, 'acc': 10.0, 'best_acc': 10.0,
+                'model_args': {'num_classes': num_classes, 'time_step': time_step, 'leaky': leaky, 'vth': 2.0,
+                               'dropout': 0.2, 'solver': NETS[name].solver, 'threshold': 30}, **extra},
+               path)
     return model
 
 

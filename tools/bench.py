@@ -1,27 +1,31 @@
 """Training-step benchmark of the paper's nets: `python -m tools.bench`.
 
-A training step (DESIGN.md §3) is split into four parts, each timed alone
-(a warm-up step first, then the median of `--repeats` runs):
+A training step is timed whole (`step`, as the training loop runs it) and,
+in a second run, part by part through the net's public timing hook
+(FeedbackSNN.timer, entered at each FeedbackSNN.region), each region waiting
+for the device's queued work at its start and end (a warm-up step first, then
+the median of `--repeats` runs):
 
-- sim:   a power-iteration step, fresh dropout masks and the T-step simulation
-         (no autograd);
-- f:     F(x̄), z = f(a) (and f at the Jacobian point of multi-layer nets),
-         the classifier and the loss with autograd, then the backward to the
-         parameters with the adjoint solution y given;
-- solve: the adjoint solve y = v + y·J on that graph. It takes n iterations,
-         each evaluating the adjoint map y ↦ v + y·J (one vector-Jacobian
-         product of f) once (the damped iteration, started from v, evaluates it
-         once more for its initial residual, and Broyden once more when the
-         samples' best iterates come from different iterations; the solver
-         reports the count as `nfev`), so `ms/iter` is solve ms / nfev and
-         `iter/VJP` compares it with one evaluation of the adjoint map timed
-         alone (`ms/VJP`): the excess is the solver's own overhead. `syncs`
-         counts the solver's copies to the host (each waits for the device's
-         queued work): one per iteration for the stop test, plus one;
-- optim: the optimizer step (SGD, momentum 0.9, weight decay 5e-4);
+- sim:   the region "ide.simulate": a power-iteration step, fresh dropout
+         masks and the T-step simulation (no autograd);
+- solve: the region "ide.solve": the adjoint solve y = v + y·J. It takes n
+         iterations, each evaluating the adjoint map y ↦ v + y·J (one
+         vector-Jacobian product of f, the region "ide.vjp") once (the damped
+         iteration, started from v, evaluates it once more for its initial
+         residual, and Broyden once more when the samples' best iterates come
+         from different iterations; the solver reports the count as `nfev`),
+         so `ms/iter` is solve ms / nfev and `iter/VJP` compares it with the
+         median evaluation of the adjoint map (`ms/VJP`): the excess is the
+         solver's own overhead. `syncs` counts the solver's copies to the host
+         (each waits for the device's queued work): one per iteration for the
+         stop test, plus one;
+- optim: the optimizer step (SGD with the paper's momentum and weight decay);
+- f:     the rest of the timed step: F(x̄), z = f(a) (and f at the Jacobian
+         point of multi-layer nets), the classifier and the loss with autograd,
+         and the backward to the parameters outside the solve.
 
-then the whole step as the training loop runs it (`step`); `step/parts` is
-step ms over the sum of the four parts.
+`step/parts` is the untimed step's ms over the timed step's: what the timing
+itself costs (near 1 when the parts are timed faithfully).
 
 Peak memory (`peak MB`) is the most tensor memory that a training step has
 allocated and not yet freed at any moment: activations, the adjoint solver's
@@ -36,9 +40,12 @@ RSS; memory that oneDNN or BLAS allocate outside PyTorch is not counted).
 On a machine shared with other processes, OpenMP threads that spin while
 waiting make every parallel kernel wait for a scheduler slice;
 `OMP_WAIT_POLICY=PASSIVE` avoids it (the header line shows the setting).
+Longer than most modules: the measurement, its flags and its table are one program (tools.compare reuses them).
 """
 import argparse
+import collections
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -47,11 +54,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model
+from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model, settings
 
-BENCH_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
-# The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
-LEAK = {"mnist_conv": 0.95, "fashion_mlp": 0.95, "nmnist_conv": 0.95, "alexnetf": 0.99, "cifarnetf": 0.99}
 # Small batches keep the whole CPU table within minutes on two cores.
 CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf": 8, "cifarnetf": 8}
 SPIKE_DENSITY = 0.1
@@ -62,7 +66,6 @@ COLUMNS = ("net", "T", "amp", "batch", "sim ms", "f fwd+bwd ms", "solve ms", "n 
 MAX_STEP_OVER_PARTS = 1.15
 MAX_ITER_OVER_VJP = 1.3
 MAX_PEAK_GROWTH = 1.10
-VJP_SAMPLES = 5
 
 
 def make_batch(name, batch, time_step, device, seed=0):
@@ -78,107 +81,69 @@ def make_batch(name, batch, time_step, device, seed=0):
 
 
 def build_training(name, time_step, device, seed=0, **gradient_options):
-    """The net with the paper's settings (leak, solver, 30 iterations, dropout 0.2) and its SGD optimizer.
+    """The net with the paper's settings (modules.settings: leak, solver, iterations, dropout) and its SGD optimizer.
 
     gradient_options: build_model's solver (None: the paper's), grad, solver_memory, phantom_k, phantom_tau.
     """
     torch.manual_seed(seed)
+    paper = settings.defaults(name)
     options = dict(gradient_options)
-    options["solver"] = options.get("solver") or NETS[name].solver
-    model = build_model(name, time_step=time_step, leaky=LEAK[name], dropout=0.2, **options).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    options["solver"] = options.get("solver") or paper["solver"]
+    model = build_model(name, time_step=time_step, leaky=paper["leaky"], dropout=paper["drop"],
+                        threshold=paper["threshold"], **options).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=paper["lr"], momentum=paper["momentum"],
+                                weight_decay=paper["weight_decay"])
     return model, optimizer
 
 
-@contextlib.contextmanager
-def overridden(obj, **attrs):
-    """Shadow methods of obj by instance attributes for the duration of the block."""
-    for name, value in attrs.items():
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for name in attrs:
-            delattr(obj, name)
-
-
 class TrainingStep:
-    """One training step of an SNNClassifier, whole (`full`) or part by part (module docstring).
-
-    The parts run the model's own forward with the simulation and the adjoint
-    solve swapped for stored results, so they do exactly the work of a step.
-    """
+    """One training step of an SNNClassifier as the training loop runs it (`full`), optionally timed part by part."""
 
     def __init__(self, model, optimizer, x, target, amp=False):
         self.model, self.optimizer, self.x, self.target, self.amp = model, optimizer, x, target, amp
-        self.snn = model.snn
-        self.net_solve = self.snn._solve  # bound now: the parts shadow it while they run
-        self.rate = self.y = self.info = self.adjoint_map = self.y0 = None
 
     def autocast(self):
         """bf16 autocast on the input's device when amp is on."""
         return torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def full(self):
-        """The step as the training loop runs it; returns the loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.cross_entropy(self.model(self.x), self.target)
-        loss.backward()
-        self.optimizer.step()
+    def full(self, timer=None):
+        """The step as the training loop runs it; returns the loss.
+
+        timer (a RegionTimer) times the whole step as "step", the optimizer step as "optim" and, through
+        FeedbackSNN.timer, the net's own regions (FeedbackSNN.region).
+        """
+        region = timer or (lambda name: contextlib.nullcontext())
+        self.model.snn.timer = timer
+        try:
+            with region("step"):
+                self.optimizer.zero_grad(set_to_none=True)
+                with self.autocast():
+                    loss = F.cross_entropy(self.model(self.x), self.target)
+                loss.backward()
+                with region("optim"):
+                    self.optimizer.step()
+        finally:
+            self.model.snn.timer = None
         return loss.detach()
 
-    def simulate(self):
-        """Part sim: what the training forward does before f."""
-        with self.autocast():
-            self.snn.begin_forward()
-            self.rate, _ = self.snn.simulate(self.x)
 
-    def forward_backward(self, solve, retain_graph=False):
-        """Part f: the training forward after the simulation and its backward, `solve` answering the adjoint."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with overridden(self.snn, begin_forward=lambda: None, simulate=lambda x: (self.rate, None), _solve=solve):
-            with self.autocast():
-                loss = F.cross_entropy(self.model(self.x), self.target)
-            loss.backward(retain_graph=retain_graph)
-        return loss.detach()
+class RegionTimer:
+    """A FeedbackSNN.timer: the wall time of every region entered, device work included, in ms per region name."""
 
-    def solve_and_keep(self, func, y0, f0=None):
-        """The net's adjoint solve, keeping its answer for `given_solution`."""
-        self.y, self.info = self.net_solve(func, y0, f0=f0)
-        return self.y, self.info
+    def __init__(self, device):
+        self.device = device
+        self.ms = collections.defaultdict(list)
 
-    def given_solution(self, func, y0, f0=None):
-        """The stored adjoint solution, in place of a solve."""
-        return self.y, self.info
-
-    def keep_map(self, func, y0, f0=None):
-        """Keep the adjoint map and start of this backward for `solve`/`vjp`; answer with the stored solution."""
-        self.adjoint_map, self.y0, self.f0 = func, y0, f0
-        return self.y, self.info
-
-    def by_parts(self):
-        """A whole step run part by part; returns the loss."""
-        self.simulate()
-        loss = self.forward_backward(self.solve_and_keep)
-        self.optimizer.step()
-        return loss
-
-    def capture(self):
-        """Build f's graph at the stored rate and keep its adjoint map (parameters must not change until solved)."""
-        self.forward_backward(self.keep_map, retain_graph=True)
-
-    def solve(self):
-        """Part solve: the adjoint solve on the captured graph; returns the solver's info."""
-        return self.net_solve(self.adjoint_map, self.y0, f0=self.f0)[1]
-
-    def vjp(self):
-        """One evaluation of the captured adjoint map (one vector-Jacobian product of f)."""
-        return self.adjoint_map(self.y)
-
-    def release(self):
-        """Drop the captured graph."""
-        self.adjoint_map = self.y0 = self.f0 = None
+    @contextlib.contextmanager
+    def __call__(self, name):
+        """Time the block as one run of region `name`."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.ms[name].append(1e3 * (time.perf_counter() - start))
 
 
 def synchronize(device):
@@ -237,22 +202,22 @@ def cuda_peak_mb(fn, device):
 
 
 def time_parts(step, repeats, device):
-    """Median ms of every part alone and of the whole step, and (iterations, host syncs) of the median solve."""
+    """Median ms of every part and of the whole step, and (iterations, host syncs) of the median solve."""
     runs = {part: [] for part in ("sim", "f", "solve", "iter", "vjp", "optim", "step")}
     iterations = []
     for _ in range(repeats):
-        runs["sim"].append(time_ms(step.simulate, device))
-        runs["f"].append(time_ms(lambda: step.forward_backward(step.given_solution), device))
-        step.capture()  # a fresh graph: the optimizer steps below change the parameters it saved
-        info = {}
-        runs["solve"].append(time_ms(lambda: info.update(step.solve()), device))
-        iterations.append((info["nstep"], info["syncs"]))
-        runs["iter"].append(runs["solve"][-1] / max(info["nfev"], 1))
-        # A VJP is short and noisy: the median of several.
-        runs["vjp"].append(statistics.median(time_ms(step.vjp, device) for _ in range(VJP_SAMPLES)))
-        step.release()
-        runs["optim"].append(time_ms(step.optimizer.step, device))
         runs["step"].append(time_ms(step.full, device))
+        timer = RegionTimer(device)
+        step.full(timer)
+        ms = {name: sum(values) for name, values in timer.ms.items()}
+        info = step.model.solver_stats
+        iterations.append((info["nstep"], info["syncs"]))
+        runs["sim"].append(ms["ide.simulate"])
+        runs["solve"].append(ms["ide.solve"])
+        runs["optim"].append(ms["optim"])
+        runs["f"].append(ms["step"] - ms["ide.simulate"] - ms["ide.solve"] - ms["optim"])
+        runs["iter"].append(ms["ide.solve"] / max(info["nfev"], 1))
+        runs["vjp"].append(statistics.median(timer.ms["ide.vjp"]) if timer.ms["ide.vjp"] else math.nan)
     ms = {part: statistics.median(values) for part, values in runs.items()}
     return ms, statistics.median_low(iterations)
 
@@ -271,8 +236,7 @@ def measure(name, time_step, batch, device="cpu", amp=False, repeats=3, seed=0, 
     model, optimizer = build_training(name, time_step, device, seed, **gradient_options)
     x, target = make_batch(name, batch, time_step, device, seed)
     step = TrainingStep(model, optimizer, x, target, amp)
-    step.full()      # warm-up: kernels chosen, optimizer state allocated
-    step.by_parts()  # warm-up of the parts; stores the adjoint solution they reuse
+    step.full()  # warm-up: kernels chosen, optimizer state allocated
     ms, (n, syncs) = time_parts(step, repeats, device)
     release_step_buffers(model, optimizer)
     peak = cuda_peak_mb(step.full, device) if device.type == "cuda" else cpu_peak_mb(step.full)
@@ -338,7 +302,7 @@ def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
+    p.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
     add_measurement_flags(p)
     p.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="adjoint solver (default: the net's)")

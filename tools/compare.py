@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from modules import ARCHITECTURES, BN_MODES, NETS
 from tools.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
                          make_batch, release_step_buffers, time_ms)
-from utils.files import atomic_write_all
+from utils.files import atomic_write_all, figure, png_bytes
 
 METHODS = ("ide", "bptt")
 TIMING_COLUMNS = ("net", "T", "batch", "IDE ms", "BPTT ms", "time BPTT/IDE", "IDE MB", "BPTT MB", "mem BPTT/IDE")
@@ -323,9 +323,8 @@ def csv_text(columns, rows):
 
 def plot_png(rows):
     """PNG bytes of two panels against T, log scales: step time, peak memory; IDE solid, BPTT dashed."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
     from matplotlib.ticker import NullLocator
-    fig = Figure(figsize=(11, 4.2))
+    fig = figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     for i, name in enumerate(dict.fromkeys(r["net"] for r in rows)):
         net_rows = sorted((r for r in rows if r["net"] == name), key=lambda r: r["T"])
@@ -341,9 +340,7 @@ def plot_png(rows):
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def cpu_name():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from modules.release import from_release, is_release_layout
-from utils.files import CheckpointError, _cannot_write, _reason, atomic_write, atomic_write_all
+from utils.files import CheckpointError, _cannot_write, _reason, atomic_write_all
 
 # The files of a run folder.
 CHECKPOINT_NAME = 'checkpoint.pth.tar'
@@ -54,13 +54,6 @@ def _refuse_unsafe(obj, path):
         raise CheckpointError(f'cannot write {os.fspath(path)}: {where} is of type {type_name}, '
                               f'which weights_only loading refuses (store plain numbers, lists, '
                               f'dicts or tensors)')
-
-
-def atomic_save(obj, path):
-    """torch.save obj to path atomically; on failure the old file stays, CheckpointError is raised."""
-    _refuse_unsafe(obj, path)
-    atomic_write(path, lambda f: torch.save(obj, f))
-
 
 
 def save_checkpoint(state, is_best, folder, filename=CHECKPOINT_NAME):

@@ -1,4 +1,6 @@
-"""Files written so that nothing is lost: atomic replacement, appends that reach the disk, writable-folder probes."""
+"""Files written so that nothing is lost: atomic replacement, appends that reach the disk, writable-folder probes,
+and the one way a figure becomes a PNG."""
+import io
 import os
 import re
 import uuid
@@ -6,7 +8,6 @@ import uuid
 
 class CheckpointError(Exception):
     """A run's file (checkpoint, log, plot) cannot be written, read or used; one-line message."""
-
 
 
 def _one_line(text, limit=200):
@@ -115,6 +116,24 @@ def atomic_write(path, write):
     """Call write(binary_file) on a temporary file beside path, fsync it, then move it over path."""
     atomic_write_all([(path, write)])
 
+
+def figure(**options):
+    """A bare matplotlib Figure (options: Figure's): it renders with Agg and never touches pyplot or a display."""
+    from matplotlib.figure import Figure  # imported on first use: most runs draw nothing
+    return Figure(**options)
+
+
+def png_bytes(fig):
+    """A matplotlib Figure rendered as PNG bytes (120 dpi, cropped to what is drawn)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
+    return buffer.getvalue()
+
+
+def write_png(path, fig):
+    """Write a matplotlib Figure to path as a PNG, atomically."""
+    data = png_bytes(fig)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path, text):

@@ -1,4 +1,7 @@
-"""The command-line flags every training script shares, their validation, and GPU selection."""
+"""The command-line flags every training script shares, their validation, and GPU selection.
+
+Longer than most modules: every flag with its help text stands here once, grouped by what it sets.
+"""
 import argparse
 import math
 import os
@@ -330,6 +333,13 @@ def adopt_saved_flags(args, explicit, saved):
                 taken[key] = (getattr(args, key), value)
             setattr(args, key, value)
     return taken, overridden
+
+
+def hyperparameters(args):
+    """The optimizer's settings that come from the flags (the learning rate is set at every step)."""
+    if args.optimizer == 'Adam':
+        return dict(weight_decay=args.weight_decay)
+    return dict(momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def flag_changes(changes):

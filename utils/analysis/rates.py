@@ -6,6 +6,8 @@ A layer's rate is the mean over its n_l neurons, averaged over the samples;
 the total is the neuron-weighted mean over all spiking layers,
 Σ_l n_l·r_l / Σ_l n_l, i.e. total spikes / (samples · neurons · T).
 Synaptic operations, MACs and energy per sample come with them (utils.analysis.sops).
+Longer than most modules: the measurement and its four renderings (table,
+JSON, CSV, PNG) share the rows of `op_rows`, which stand here once.
 """
 import csv
 import io
@@ -18,10 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.files import atomic_write_all, checkpoint_stem
+from utils.files import atomic_write_all, checkpoint_stem, figure, png_bytes
 from utils.analysis.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
 
-# Suffixes dropped from a checkpoint's file name to name its statistics files.
 CSV_FIELDS = ('time_step', 'neuron', 'leaky', 'vth', 'samples', 'loss', 'acc', 'layer', 'shape', 'neurons', 'rate',
               'spikes', 'sops', 'snn_macs', 'snn_macs_every_step', 'ann_macs', 'snn_energy_pj',
               'snn_energy_every_step_pj', 'ann_energy_pj', 'e_ac_pj', 'e_mac_pj')
@@ -303,32 +304,31 @@ def csv_text(runs, costs=EnergyCosts()):
     return out.getvalue()
 
 
-def output_paths(checkpoint, time_steps, folder=None):
-    """{'json', 'csv', 'png'} paths for the statistics of checkpoint at one T (an int) or a sweep (a list).
+def file_prefix(kind, checkpoint, time_steps, folder=None):
+    """<folder>/<kind>_<checkpoint stem>_T30 for one T (an int), ..._sweepT10-30-100 for a sweep (a list).
 
-    Named after the checkpoint and T, e.g. rates_model_best_T30.json or
-    rates_model_best_sweepT10-30-100.json, in folder (default: the checkpoint's).
+    folder defaults to the checkpoint's own.
     """
     folder = os.path.dirname(os.path.abspath(checkpoint)) if folder is None else folder
     stem = re.sub(r'[^\w.-]', '_', checkpoint_stem(checkpoint))
     tag = f'T{time_steps}' if isinstance(time_steps, int) else 'sweepT' + '-'.join(str(t) for t in time_steps)
-    return {ext: os.path.join(folder, f'rates_{stem}_{tag}.{ext}') for ext in ('json', 'csv', 'png')}
+    return os.path.join(folder, f'{kind}_{stem}_{tag}')
 
 
-def _png_bytes(fig):
-    """A matplotlib Figure rendered as PNG bytes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
-    return buffer.getvalue()
+def output_paths(checkpoint, time_steps, folder=None):
+    """{'json', 'csv', 'png'} paths for the statistics of checkpoint at one T (an int) or a sweep (a list).
+
+    e.g. rates_model_best_T30.json or rates_model_best_sweepT10-30-100.json (see file_prefix).
+    """
+    prefix = file_prefix('rates', checkpoint, time_steps, folder)
+    return {ext: f'{prefix}.{ext}' for ext in ('json', 'csv', 'png')}
 
 
 def rates_png(stats, title=''):
     """PNG of two panels: the per-layer rates (total dashed) and the SOPs per sample of each layer's spikes."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
-
     ops = stats.ops
     width = max(4.0, 1.0 + 0.8 * len(stats.layers))
-    fig = Figure(figsize=(2 * width if ops else width, 3.8), layout='constrained')
+    fig = figure(figsize=(2 * width if ops else width, 3.8), layout='constrained')
     axes = fig.subplots(1, 2 if ops else 1, squeeze=False)[0]
     ax = axes[0]
     names = [layer.name for layer in stats.layers]
@@ -348,14 +348,12 @@ def rates_png(stats, title=''):
         ax.set_ylim(0, max(values + [1.0]) * 1.2)
         ax.set_title(f'total {count_text(ops.total_sops)} SOPs, ANN {count_text(ops.ann_macs)} MACs', fontsize=9)
     fig.suptitle(title or f'T={stats.time_step}, {neuron_text(stats)}, acc {stats.acc:.2f}%', fontsize=9)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def sweep_png(runs, title='', costs=EnergyCosts()):
     """PNG of four panels against T: accuracy, per-layer and total rates, SOPs, energy (SNN and ANN)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9.0, 6.5), layout='constrained')
+    fig = figure(figsize=(9.0, 6.5), layout='constrained')
     (acc_ax, rate_ax), (sops_ax, energy_ax) = fig.subplots(2, 2)
     steps = [s.time_step for s in runs]
     acc_ax.plot(steps, [s.acc for s in runs], marker='o', color='tab:green')
@@ -378,7 +376,7 @@ def sweep_png(runs, title='', costs=EnergyCosts()):
         ax.set_xlabel('time steps T')
         ax.set_xticks(steps)
     fig.suptitle(title or neuron_text(runs[0]), fontsize=9)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def write_files(paths, payload, runs, png, costs=EnergyCosts()):

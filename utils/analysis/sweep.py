@@ -1,24 +1,28 @@
-"""Test accuracy of trained weights as a function of the number of time steps T, and its files.
+"""Trained weights evaluated at several numbers of time steps T: the one sweep over T, and its accuracy files.
 
 The weights of an IDE-FSNN do not depend on T: the same state_dict builds a
-network for any T, whose rate approaches the equilibrium a* with error O(1/T).
-`sweep_accuracy` evaluates one checkpoint's weights at several T and writes
-`<prefix>.json`, `<prefix>.csv` and `<prefix>.png`, each atomically, after
-refusing (before the evaluation, which can take long) to replace existing files
-unless asked to.
+network for any T (`model_at`), whose rate approaches the equilibrium a* with
+error O(1/T). `measure` evaluates one such network (loss, accuracy, firing
+rates and operation counts: utils.analysis.rates); get_rate.py --sweep-T
+writes all of it for each T, and the training scripts' `-e --sweep-T`
+(`sweep_accuracy`) the accuracy alone, as `<prefix>.json`, `<prefix>.csv` and
+`<prefix>.png`, each atomically, after refusing (before the evaluation, which
+can take long) to replace existing files unless asked to.
 """
 import csv
 import io
 import json
 import os
-import re
+import sys
 
 import torch
-from torch import nn
+from progress.bar import Bar
+from torch.utils.data import DataLoader
 
-from modules import build_model, is_leaky
-from utils.training.epoch import evaluate
-from utils.files import atomic_write, atomic_write_text, checkpoint_stem, make_writable_folder, refuse_existing_files
+from modules import ARCHITECTURES, build_model, is_leaky
+from utils.analysis.rates import evaluate_rates, file_prefix
+from utils.data.datasets import DataError, get_datasets
+from utils.files import atomic_write, atomic_write_text, figure, make_writable_folder, png_bytes, refuse_existing_files
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
@@ -29,9 +33,7 @@ def sweep_prefix(checkpoint, time_steps, folder=None):
 
     folder defaults to the checkpoint's own.
     """
-    folder = os.path.dirname(os.path.abspath(checkpoint)) if folder is None else folder
-    stem = re.sub(r'[^\w.-]', '_', checkpoint_stem(checkpoint))
-    return os.path.join(folder, f'acc_{stem}_sweepT' + '-'.join(str(t) for t in time_steps))
+    return file_prefix('acc', checkpoint, list(time_steps), folder)
 
 
 def sweep_paths(out_prefix):
@@ -54,14 +56,46 @@ def refuse_existing(out_prefix, overwrite):
     make_writable_folder(os.path.dirname(os.path.abspath(out_prefix)))
 
 
-@torch.no_grad()
-def test_accuracy(model, loader, device, amp=False):
-    """(samples, mean cross-entropy loss, top-1 accuracy in %) of model in evaluation mode over loader."""
-    if len(loader.dataset) == 0:
-        raise ValueError('the test set has no samples')
-    loss, acc, _ = evaluate(model, loader, nn.CrossEntropyLoss(), device, amp=amp,
-                            title=f'T={model.snn.time_step}')
-    return len(loader.dataset), loss, acc
+def model_at(arch, model_args, state_dict, time_step):
+    """Network `arch` with build_model's model_args but T = time_step, holding state_dict's weights."""
+    model = build_model(arch, **{**model_args, 'time_step': time_step})
+    model.load_state_dict(state_dict)
+    return model
+
+
+class LoadersByT:
+    """The test loader of a data set for each T: spike input is binned into T frames, images are loaded once."""
+
+    def __init__(self, arch, dataset, path, batch, workers, device):
+        """Remember where and how to load the test set; nothing is read yet."""
+        self.dataset, self.path, self.batch, self.workers, self.device = dataset, path, batch, workers, device
+        self.spike_input = ARCHITECTURES[arch].spike_input
+        self.num_classes = None
+        self._loaders = {}
+
+    def __call__(self, time_step):
+        """The test loader for time_step; DataError if the test set is empty."""
+        key = time_step if self.spike_input else None
+        if key not in self._loaders:
+            _, test_set, self.num_classes = get_datasets(self.dataset, self.path, time_step)
+            if len(test_set) == 0:
+                raise DataError(f'the {self.dataset} test set under {self.path} has no samples')
+            self._loaders[key] = DataLoader(test_set, batch_size=self.batch, shuffle=False, num_workers=self.workers,
+                                            pin_memory=torch.device(self.device).type == 'cuda')
+        return self._loaders[key]
+
+
+def measure(model, loader, device, title, amp=False):
+    """utils.analysis.rates.evaluate_rates of model over loader (bf16 autocast with amp), with a progress bar.
+
+    The bar is drawn only on a terminal.
+    """
+    bar = Bar(title, max=len(loader), file=sys.stderr)
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            return evaluate_rates(model.to(device), loader, device, progress=lambda done, total: bar.next())
+    finally:
+        bar.finish()  # ends the bar's line, also before the message of a stop
 
 
 def csv_text(rows):
@@ -76,9 +110,7 @@ def csv_text(rows):
 
 def plot_png(rows, title):
     """The PNG bytes of test accuracy against T."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
-
-    fig = Figure(figsize=(5.0, 3.5))
+    fig = figure(figsize=(5.0, 3.5))
     ax = fig.add_subplot()
     steps = [row['time_step'] for row in rows]
     accs = [row['acc'] for row in rows]
@@ -89,9 +121,7 @@ def plot_png(rows, title):
     ax.set_ylabel('test accuracy (%)')
     ax.set_xticks(steps)
     ax.set_title(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def write_files(out_prefix, arch, model_args, rows):
@@ -127,14 +157,10 @@ def sweep_accuracy(arch, model_args, state_dict, test_loader_for_T, time_steps, 
     {'time_step', 'samples', 'loss', 'acc'} (acc in %).
     """
     steps = check_time_steps(time_steps)
-    device = torch.device(device)
     refuse_existing(out_prefix, overwrite)
-    base = {key: value for key, value in model_args.items() if key != 'time_step'}
     rows = []
     for t in steps:
-        model = build_model(arch, **base, time_step=t)
-        model.load_state_dict(state_dict)
-        samples, loss, acc = test_accuracy(model.to(device), test_loader_for_T(t), device, amp)
-        rows.append({'time_step': t, 'samples': samples, 'loss': loss, 'acc': acc})
+        stats = measure(model_at(arch, model_args, state_dict, t), test_loader_for_T(t), device, f'T={t}', amp)
+        rows.append({'time_step': t, 'samples': stats.samples, 'loss': stats.loss, 'acc': stats.acc})
     write_files(out_prefix, arch, dict(model_args), rows)
     return rows

@@ -1,4 +1,7 @@
-"""Image data sets (torchvision's on-disk layouts, scikit-learn digits, N-MNIST) and their loaders."""
+"""Image data sets (torchvision's on-disk layouts, scikit-learn digits, N-MNIST) and their loaders.
+
+Longer than most modules: each data set's checks of its files (one clear line for what is missing) stand here.
+"""
 import contextlib
 import gzip
 import os

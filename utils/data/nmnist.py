@@ -11,6 +11,9 @@ Text format: one line per input channel that has events, channels ascending,
 `1156·p + 34·x + y + 1` (p = 1 for ON events, x and y 0-based after
 stabilisation); bin b = ceil(ts / 3000 µs). Frames are `(2, 34, 34, T)`
 with bin b in 1..T at frame index b - 1; bin 0 and bins above T are dropped.
+
+Longer than most modules: both file formats, the MATLAB preprocessing they
+must agree on, and the checks of a data folder belong together.
 """
 
 import hashlib
@@ -205,11 +208,6 @@ def frames_from_bins(channels, bins, time_step):
     frames = np.zeros(N_CHANNELS * time_step, dtype=np.float32)
     frames[flat] = 1.0
     return torch.from_numpy(frames).view(2, SIDE, SIDE, time_step)
-
-
-def load_frames(path, time_step):
-    """Frames (2, 34, 34, T) of one `.dat` or `.bin` file."""
-    return frames_from_bins(*read_sample(path), time_step)
 
 
 def find_split_dir(root, train):

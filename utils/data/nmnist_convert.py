@@ -19,26 +19,14 @@ import argparse
 import multiprocessing
 import signal
 import sys
-import threading
 from collections import defaultdict
 from pathlib import Path
 
-from utils import files
+from utils import files, signals
 from utils.data import nmnist
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class ConvertError(Exception):
     """A problem with the command's input or output folders."""
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM stopped the conversion (a BaseException, like KeyboardInterrupt)."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def plan(raw_dir, out_dir):
@@ -183,13 +171,6 @@ def _print_progress(done, total):
     print(f"converted {done}/{total}", file=sys.stderr, flush=True)
 
 
-def _interrupt(signum, frame):
-    """Signal handler: ignore further signals (the clean-up must finish), then stop the conversion."""
-    for other in SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
 def _interrupted_message(args):
     """One line: how far the conversion got and the command that finishes it."""
     try:
@@ -222,20 +203,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("-j/--jobs must be at least 1")
-    # Signal handlers can only be set from the main thread (main() may be called from another).
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, _interrupt) for signum in SIGNALS} if on_main else {}
     try:
-        count = convert_tree(args.raw_dir, args.out_dir, args.jobs, _print_progress, args.resume)
-    except Interrupted as stop:
+        with signals.interrupting():
+            count = convert_tree(args.raw_dir, args.out_dir, args.jobs, _print_progress, args.resume)
+    except signals.Interrupted as stop:
         print(_interrupted_message(args), file=sys.stderr)
         return 128 + stop.signum
     except (ConvertError, files.CheckpointError, ValueError, OSError) as err:
         print(f"nmnist_convert: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     print(f"wrote {count} files to {args.out_dir}")
     return 0
 

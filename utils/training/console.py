@@ -5,6 +5,10 @@ import sys
 from termcolor import colored
 
 
+class RunError(Exception):
+    """A run cannot go on; the message is one line meant for the user."""
+
+
 def _paint(text, color):
     """text in color when stderr is a terminal (and NO_COLOR is not set), plain otherwise."""
     tty = sys.stderr.isatty() and 'NO_COLOR' not in os.environ

@@ -144,6 +144,25 @@ def any_all(flags, ctx, device):
     return [bool(v) for v in tensor.tolist()]
 
 
+def first_then_all(work, ctx, device, errors, failed_elsewhere, per_machine=False):
+    """Run work() on rank 0 alone (on local rank 0 of each machine with per_machine), then let all agree on it.
+
+    Returns work()'s result where it ran (None elsewhere). If it raised one of
+    `errors` (a tuple of exception classes), every process raises: that error
+    where it was raised, `failed_elsewhere` (an exception) on the others.
+    """
+    result, error = None, None
+    if (ctx.local_rank if per_machine else ctx.rank) == 0:
+        try:
+            result = work()
+        except errors as exc:
+            error = exc
+    (failed,) = any_all([error is not None], ctx, device)
+    if failed:
+        raise error or failed_elsewhere
+    return result
+
+
 def gather(obj, ctx):
     """A list with every process's obj, by rank (picklable objects)."""
     if not ctx.enabled:

@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass, with the learning-rate schedule and the step guards they need.
 
 Every dependency is an argument, so the pieces can be used without the
-command-line loop of utils/train.py.
+command-line loop of utils/training/run.py.
 """
 import datetime
 import functools
@@ -12,18 +12,15 @@ import time
 import torch
 from progress.bar import Bar
 
+from utils import flags
 from utils.training import distributed
-from utils.training.console import warn
+from utils.training.console import RunError, warn
 from utils.training.meters import AverageMeter, accuracy
 
 MAX_BAD_STEPS = 5
 # Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.
 DIAGNOSTICS = {'Fwd Res.': 'forward_residual', 'Bwd Res.': 'rel_residual', 'Bwd Iters': 'nstep',
                'Bwd Capped': 'capped', 'Contraction': 'contraction'}
-
-
-class RunError(Exception):
-    """A run cannot go on; the message is one line meant for the user."""
 
 
 class TooManyFaults(RunError):
@@ -69,17 +66,10 @@ def set_lr(optimizer, lr):
         group['lr'] = lr
 
 
-def hyperparameters(args):
-    """The optimizer's settings that come from the flags (the learning rate is set at every step)."""
-    if args.optimizer == 'Adam':
-        return dict(weight_decay=args.weight_decay)
-    return dict(momentum=args.momentum, weight_decay=args.weight_decay)
-
-
 def make_optimizer(args, params):
     """SGD with momentum and weight decay, or Adam with weight decay."""
     kind = torch.optim.Adam if args.optimizer == 'Adam' else torch.optim.SGD
-    return kind(params, lr=args.lr, **hyperparameters(args))
+    return kind(params, lr=args.lr, **flags.hyperparameters(args))
 
 
 def autocast(device, enabled):
@@ -92,11 +82,11 @@ def native_bf16():
     """True when this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
-            flags = f.read()
+            cpu_flags = f.read()
     except OSError:
-        flags = None
-    if flags is not None:
-        return any(flag in flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
+        cpu_flags = None
+    if cpu_flags is not None:
+        return any(flag in cpu_flags.split() for flag in ('avx512_bf16', 'amx_bf16'))
     # No /proc (e.g. macOS): time one convolution in both formats; emulation is tens of times slower.
     x, w = torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3)
 

@@ -2,11 +2,11 @@
 import math
 import os
 
-from matplotlib.figure import Figure
+from utils.files import append_line, atomic_write_text, figure, write_png
 
-from utils.files import append_line, atomic_write, atomic_write_text
-
-DEFAULT_NAMES = ('Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.')
+# The log's columns: the paper's, then skipped steps (then utils.training.epoch.DIAGNOSTICS, see resume.log_columns).
+PAPER_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.']
+BASE_COLUMNS = PAPER_COLUMNS + ['Skipped']
 
 
 def _read_text(path):
@@ -41,7 +41,7 @@ class Logger:
         """Open the log at fpath; an existing non-empty log needs resume=True."""
         self.fpath = os.fspath(fpath)
         self.title = title or ''
-        self.names = list(DEFAULT_NAMES)
+        self.names = list(PAPER_COLUMNS)
         self.numbers = {name: [] for name in self.names}
         self._header_written = False
         self._pending_newline = False
@@ -136,10 +136,9 @@ class Logger:
 
 def plot_curves(numbers, title, path_png):
     """Plot a log's columns ({name: values per epoch}) against epoch: loss, accuracy, residuals (log scale)."""
-    # A bare Figure renders with Agg and never touches pyplot's global state or a display.
     residuals = {name: values for name, values in numbers.items()
                  if 'res.' in name.lower() and any(v > 0 and math.isfinite(v) for v in values)}
-    fig = Figure(figsize=(15 if residuals else 10, 4))
+    fig = figure(figsize=(15 if residuals else 10, 4))
     axes = fig.subplots(1, 3 if residuals else 2)
     panels = [(axes[0], 'loss', 'loss'), (axes[1], 'acc', 'accuracy (%)')]
     if residuals:
@@ -157,7 +156,7 @@ def plot_curves(numbers, title, path_png):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path_png, lambda f: fig.savefig(f, format='png'))
+    write_png(path_png, fig)
 
 
 class StepLog:

@@ -13,6 +13,8 @@ Rules (README, "Nothing lost"):
   log or other checkpoint is there.
 - The flags not typed are taken from the checkpoint; a flag typed wins, the
   optimizer's saved hyperparameters included.
+
+A little longer than most modules: these rules are one policy, kept in one place.
 """
 import fcntl
 import math
@@ -23,14 +25,14 @@ import sys
 import numpy as np
 import torch
 
+from utils import flags
 from utils.training import distributed
-from utils.training.epoch import RunError, hyperparameters
+from utils.training.console import RunError
 from utils.checkpoint import (BEST_NAME, CHECKPOINT_NAME, LOCK_NAME, LOG_NAME, PLOT_NAME, rng_state, save_checkpoint,
                               set_rng_state)
 from utils.files import CheckpointError, make_writable_folder, stale_temporaries
-from utils.training.logger import Logger, as_written
+from utils.training.logger import BASE_COLUMNS, Logger, as_written
 
-BASE_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.', 'Skipped']
 # What each optimizer keeps per parameter: a saved state with anything else was made by another optimizer.
 OPTIMIZER_STATE = {'SGD': {'momentum_buffer'}, 'Adam': {'step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'}}
 
@@ -171,8 +173,9 @@ def check_folder(folder, resume, ckpt, columns, rewind=False):
 def set_aside_abandoned(folder, last_epoch):
     """Rename the log and checkpoint of epochs abandoned by --rewind so that nothing is lost; return the names."""
     kept = []
-    for name, aside in ((LOG_NAME, f'log.abandoned-epoch{last_epoch}.txt'),
-                        (CHECKPOINT_NAME, f'checkpoint.abandoned-epoch{last_epoch}.pth.tar')):
+    for name in (LOG_NAME, CHECKPOINT_NAME):
+        stem, suffix = name.split('.', 1)
+        aside = f'{stem}.abandoned-epoch{last_epoch}.{suffix}'
         source, target = os.path.join(folder, name), os.path.join(folder, aside)
         if os.path.exists(source):
             if os.path.exists(target):
@@ -210,7 +213,7 @@ def saved_log(ckpt, width):
 def apply_flags(optimizer, args):
     """Give every parameter group the hyperparameters of the flags (a typed flag wins over a saved state)."""
     for group in optimizer.param_groups:
-        group.update(hyperparameters(args))
+        group.update(flags.hyperparameters(args))
 
 
 def restore_training(ckpt, path, optimizer, args, ctx):
@@ -264,9 +267,9 @@ def restore_foreign(ckpt, path, optimizer, batches, seed, ctx, say):
     saved = ckpt.get('optimizer')
     why = 'none in the file' if saved is None else optimizer_mismatch(optimizer, saved)
     if why is None:
-        flags = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+        own_settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(saved)
-        for group, own in zip(optimizer.param_groups, flags):
+        for group, own in zip(optimizer.param_groups, own_settings):
             group.update(own)
     else:
         say(f'warning: {path}: optimizer state not used ({why}); starting from a fresh one', file=sys.stderr)
@@ -286,15 +289,8 @@ def seed_everything(seed):
 
 def save_state(state, is_best, folder, ctx, device):
     """Rank 0 saves; every process learns whether it worked and raises the same error if not."""
-    error = None
-    if ctx.is_main:
-        try:
-            save_checkpoint(state, is_best, folder, CHECKPOINT_NAME)
-        except CheckpointError as exc:
-            error = exc
-    (failed,) = distributed.any_all([error is not None], ctx, device)
-    if failed:
-        raise error or RunError('rank 0 could not write the checkpoint')
+    distributed.first_then_all(lambda: save_checkpoint(state, is_best, folder, CHECKPOINT_NAME), ctx, device,
+                               (CheckpointError,), RunError('rank 0 could not write the checkpoint'))
     return os.path.join(folder, CHECKPOINT_NAME)
 
 

@@ -1,8 +1,10 @@
 """The command-line run every training script shares: flags → data → model → resume → epochs.
 
 A script calls `run(arch, argv, description)`. `main` reads top to bottom; the
-folder and resume policy lives in utils/checkpoint.py, one epoch and the
-evaluation pass in utils/engine.py.
+folder and resume policy lives in utils/training/resume.py, one epoch and the
+evaluation pass in utils/training/epoch.py. Longer than most modules because
+it is the whole run in one file, read in order: each step is a short function
+of its own.
 """
 import contextlib
 import datetime
@@ -20,6 +22,7 @@ from torch import nn
 
 from modules import ARCHITECTURES, NETS, build_model, precision
 from utils import flags
+from utils.signals import Interrupted, StopRequest
 from utils.analysis import sweep
 from utils.training import distributed
 from utils.training.resume import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
@@ -34,51 +37,6 @@ from utils.files import CheckpointError
 from utils.training.logger import StepLog
 
 __all__ = ['run', 'main', 'train_epoch', 'get_lr', 'FaultGuard', 'StopRequest', 'TooManyFaults', 'RunError']
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training at the end of a batch."""
-
-    def __init__(self, signum):
-        """Remember which signal it was."""
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopRequest:
-    """Context manager that turns SIGINT/SIGTERM into a request to stop at the end of the current batch."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        """No signal yet."""
-        self.signum = None
-        self._previous = {}
-
-    @property
-    def requested(self):
-        """True once a signal has arrived."""
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        """Record the signal."""
-        self.signum = signum
-        # A second signal acts at once, as it would without this handler.
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self):
-        """Install the handlers."""
-        try:
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:
-            pass  # not the main thread: signals keep their usual meaning
-        return self
-
-    def __exit__(self, *exc):
-        """Put the previous handlers back."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 @dataclass
@@ -120,7 +78,9 @@ def main(arch, args, explicit, ctx, state):
         if not args.evaluate:
             state.folder = run_folder(args, explicit)
             state.columns = log_columns(DIAGNOSTICS)
-            on_rank0(ctx, device, lambda: claim_folder(stack, state.folder, args, ckpt, state.columns, say))
+            distributed.first_then_all(lambda: claim_folder(stack, state.folder, args, ckpt, state.columns, say),
+                                       ctx, device, (RunError, CheckpointError),
+                                       RunError('rank 0 could not set up the checkpoint folder'))
         # 3. Data, model, loss.
         train_set, test_set, num_classes = load_data(args, ctx, device)
         state.train_loader, state.test_loader, state.train_sampler = build_loaders(
@@ -131,7 +91,7 @@ def main(arch, args, explicit, ctx, state):
         model = build(arch, state.model_args, ckpt, say).to(device)
         state.criterion = nn.CrossEntropyLoss().to(device)
         if args.evaluate:
-            return evaluate_only(state, model, ckpt)
+            return evaluate_only(state, model)
         # 4. Optimizer, and where training stands.
         state.model = distributed.wrap(model, ctx, device, sync_bn=args.sync_bn)
         state.optimizer = make_optimizer(args, state.model.parameters())
@@ -149,34 +109,23 @@ def main(arch, args, explicit, ctx, state):
                                 saved_log(ckpt, len(state.columns)), step_log)
 
 
-def evaluate_only(state, model, ckpt):
-    """-e: the test loss and accuracy, and with --sweep-T the accuracy as a function of T (files beside the
-    checkpoint)."""
-    args, ctx, say = state.args, state.ctx, state.say
-    prefix = None
+def evaluate_only(state, model):
+    """-e: the test loss and accuracy; with --sweep-T the accuracy at each T instead, in files beside the
+    checkpoint (utils.analysis.sweep)."""
+    args, say = state.args, state.say
     if args.sweep_T:
-        if ctx.enabled:
+        if state.ctx.enabled:
             raise RunError('--sweep-T runs in one process: start it without torchrun')
+        loaders = sweep.LoadersByT(state.arch, args.dataset, args.path, args.test_batch, args.workers, state.device)
         prefix = sweep.sweep_prefix(args.resume, args.sweep_T)
-        sweep.refuse_existing(prefix, args.overwrite)  # now, not after the evaluation
-    loss, top1, _ = evaluate(model, state.test_loader, state.criterion, state.device, ctx=ctx, amp=args.amp)
+        rows = sweep.sweep_accuracy(state.arch, state.model_args, model.state_dict(), loaders, args.sweep_T,
+                                    state.device, prefix, amp=args.amp, overwrite=args.overwrite)
+        say(f'Test accuracy as a function of T ({flags.neuron_line(args.leaky)})\n{sweep.format_rows(rows)}')
+        say('Wrote ' + ', '.join(sweep.sweep_paths(prefix).values()))
+        return dict(sweep=rows)
+    loss, top1, _ = evaluate(model, state.test_loader, state.criterion, state.device, ctx=state.ctx, amp=args.amp)
     say(f'Test Loss: {loss:.4f}  Test Acc: {top1:.2f}')
-    if prefix is None:
-        return dict(loss=loss, acc=top1)
-
-    def test_loader_for(time_step):
-        """Static input: the same test set for every T; spike input is binned into T frames."""
-        if not ARCHITECTURES[state.arch].spike_input:
-            return state.test_loader
-        _, test_set, _ = get_datasets(args.dataset, args.path, time_step=time_step)
-        return build_loaders(test_set, test_set, args.train_batch, args.test_batch, args.workers)[1]
-
-    rows = sweep.sweep_accuracy(state.arch, state.model_args, model.state_dict(), test_loader_for, args.sweep_T,
-                                state.device, prefix, amp=args.amp, overwrite=args.overwrite)
-    say(f'Test accuracy as a function of T ({flags.neuron_line(args.leaky)})')
-    say(sweep.format_rows(rows))
-    say('Wrote ' + ', '.join(sweep.sweep_paths(prefix).values()))
-    return dict(loss=loss, acc=top1, sweep=rows)
+    return dict(loss=loss, acc=top1)
 
 
 def adopt_checkpoint_flags(arch, args, explicit, ckpt, say):
@@ -242,32 +191,14 @@ def claim_folder(stack, folder, args, ckpt, columns, say):
         say(f'Rewound to epoch {epoch}: {later} kept aside in {", ".join(kept)}')
 
 
-def on_rank0(ctx, device, work):
-    """Run work() on rank 0 alone; if it fails, every process raises (the same error on rank 0)."""
-    error_seen = None
-    if ctx.is_main:
-        try:
-            work()
-        except (RunError, CheckpointError) as exc:
-            error_seen = exc
-    (failed,) = distributed.any_all([error_seen is not None], ctx, device)
-    if failed:
-        raise error_seen or RunError('rank 0 could not set up the checkpoint folder')
-
-
 def load_data(args, ctx, device):
     """(train set, test set, number of classes); one process per machine fetches or unpacks missing files
     before the others read them, so that no two processes write the same file."""
-    sets, error_seen = None, None
-    if ctx.local_rank == 0:
-        try:
-            sets = get_datasets(args.dataset, args.path, time_step=args.time_step)
-        except DataError as exc:
-            error_seen = exc
-    (failed,) = distributed.any_all([error_seen is not None], ctx, device)
-    if failed:
-        raise error_seen or DataError(f'{args.dataset}: another process could not prepare the data set')
-    return sets if sets is not None else get_datasets(args.dataset, args.path, time_step=args.time_step)
+    def read():
+        return get_datasets(args.dataset, args.path, time_step=args.time_step)
+    sets = distributed.first_then_all(read, ctx, device, (DataError,), DataError(
+        f'{args.dataset}: another process could not prepare the data set'), per_machine=True)
+    return sets or read()
 
 
 def model_args_of(args, num_classes):
