@@ -192,15 +192,17 @@ def follow(jobs, runs):
 def launch(args, runs, found, values, rows):
     """Submit the unfinished runs; on this machine, follow them to the end. The exit code."""
     todo = [run for run in runs if found[run.name].state != 'finished']
-    for run in runs:
-        if run not in todo:
-            print(f'{run.name}: finished ({found[run.name].epoch} epochs, best {found[run.name].best:.2f}); skipped')
+    groups = engine.gpu_groups(args.gpus, args.gpus_per_run, args.jobs) if args.cluster == 'local' else ()
     make_writable_folder(args.out)
     with engine.runner_lock(args.out):
         live = engine.live_jobs(args.out)
         if live:
             raise UsageError(f'{args.out} has jobs that have not ended ({", ".join(live)}); follow them with '
                              f'--status --out {args.out}, or stop them first')
+        for run in runs:
+            if run not in todo:
+                print(f'{run.name}: finished ({found[run.name].epoch} epochs, best {found[run.name].best:.2f}); '
+                      f'skipped')
         for run in todo:
             make_writable_folder(run.folder)
             record = dict(row=run.row.id, seed=run.seed, processes=run.processes, flags=run.flags,
@@ -208,7 +210,6 @@ def launch(args, runs, found, values, rows):
             atomic_write_text(os.path.join(run.folder, COMMAND_NAME), json.dumps(record, indent=1) + '\n')
         parameters = slurm_parameters(args, todo) if args.cluster == 'slurm' else \
             {'timeout_min': args.time} if args.time else None
-        groups = engine.gpu_groups(args.gpus, args.gpus_per_run, args.jobs) if args.cluster == 'local' else ()
         jobs = engine.submit(args.cluster, os.path.join(args.out, 'submitit'),
                              [(run.name, run.folder, run.argv) for run in todo], parameters, groups) if todo else []
         if args.cluster != 'debug':

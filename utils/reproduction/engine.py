@@ -175,14 +175,17 @@ def job_states(out):
         else:  # a local job's id is its controller's PID; the controller writes a result when the job ends
             done = submitit.LocalJob(folder, job_id).paths.result_pickle.exists()
             state = 'RUNNING' if not done and alive(socket.gethostname(), job_id) else 'ENDED'
-        states.update({name: f'{cluster} {job_id} {state}' for name in entry['runs']})
+        for name in entry['runs']:  # local jobs share their runs: one still running may be training it
+            if not (cluster == 'local' and states.get(name, '').endswith('RUNNING')):
+                states[name] = f'{cluster} {job_id} {state}'
     return states
 
 
 def live_jobs(out):
     """The jobs of OUT/jobs.json that have not ended."""
+    # UNKNOWN: Slurm's accounting no longer (or never) knew the job, e.g. OUT was copied off the cluster.
     ended = ('ENDED', 'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL',
-             'DEADLINE')
+             'DEADLINE', 'UNKNOWN')
     jobs = {' '.join(state.split()[:2]) for state in job_states(out).values()
             if not state.split()[2].startswith(ended)}
     return sorted(jobs)
