@@ -239,6 +239,9 @@ def test_dry_run_prints_every_command_and_starts_nothing(tmp_path, capsys):
 
 
 def test_status_file_is_rewritten_each_epoch_and_ends_with_the_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt), recorded(str(tmp_path), 3, 0, None):
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []  # a new run stopped before its first epoch leaves nothing, as its log
     status = RunStatus(str(tmp_path), epochs=3, epoch=0, best_acc=None)
     status.epoch_done(1, 50.0, 2.5)
     assert read_status(str(tmp_path))['epoch'] == 1 and read_status(str(tmp_path))['epoch_seconds'] == [2.5]

@@ -43,17 +43,19 @@ class RunStatus:
 
     def __init__(self, folder, epochs, epoch, best_acc):
         """A run in folder that trains `epochs` epochs in all and starts after `epoch` (a resume keeps the
-        earlier epochs' times)."""
+        earlier epochs' times). A new run writes its first status with its first epoch, as its log: a run
+        stopped before then leaves nothing behind; a resumed one says at once that it runs again."""
         try:
-            previous = read_status(folder) or {}
+            previous = read_status(folder)
         except ValueError:
-            previous = {}
-        self.path = os.path.join(folder, STATUS_NAME)
+            previous = None
+        self.path, self.written = os.path.join(folder, STATUS_NAME), previous is not None
         self.record = dict(state='running', epoch=epoch, epochs=epochs, best_acc=best_acc,
-                           epoch_seconds=list(previous.get('epoch_seconds') or [])[:epoch],
+                           epoch_seconds=list((previous or {}).get('epoch_seconds') or [])[:epoch],
                            peak_rss_mb=None, host=socket.gethostname(), pid=os.getpid(),
-                           started=previous.get('started') or _now(), updated=None)
-        self.write()
+                           started=(previous or {}).get('started') or _now(), updated=None)
+        if self.written:
+            self.write()
 
     def write(self, **changes):
         """Apply changes and write the file."""
@@ -61,6 +63,12 @@ class RunStatus:
         rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.record.update(changes, updated=_now(), peak_rss_mb=rss_mb)
         atomic_write_text(self.path, json.dumps(self.record, indent=1) + '\n')
+        self.written = True
+
+    def end(self, state):
+        """Record how the run ended ('finished', 'stopped', 'failed'), if it has written a status before."""
+        if self.written:
+            self.write(state=state)
 
     def epoch_done(self, epoch, best_acc, seconds):
         """Record that `epoch` epochs are done (saved in the checkpoint), the last in `seconds`."""
@@ -78,7 +86,7 @@ def recorded(folder, epochs, epoch, best_acc, enabled=True):
         if status is not None:
             # A stop by signal (the run's Interrupted carries its signum) can be resumed; anything else failed.
             stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, 'signum', None) is not None
-            status.write(state='stopped' if stopped else 'failed')
+            status.end('stopped' if stopped else 'failed')
         raise
     if status is not None:
-        status.write(state='finished')
+        status.end('finished')
