@@ -135,6 +135,7 @@ def test_a_damaged_record_or_a_foreign_folder_is_one_line(tmp_path, capsys):
     code, _, err = run_main(argv, capsys)
     assert code == 2 and err.count('\n') == 1 and 'damaged run record' in err
     os.remove(os.path.join(folder, folders.COMMAND_NAME))
+    open(os.path.join(folder, LOG_NAME), 'w').close()
     code, _, err = run_main(argv, capsys)
     assert code == 2 and err.count('\n') == 1 and 'not a run of reproduce.py' in err
 
@@ -253,10 +254,13 @@ def test_status_file_is_rewritten_each_epoch_and_ends_with_the_run(tmp_path):
     with pytest.raises(RuntimeError), recorded(str(tmp_path), 3, 1, 50.0):
         raise RuntimeError('boom')
     assert read_status(str(tmp_path))['state'] == 'failed'
-    with recorded(str(tmp_path), 3, 2, 60.0) as last:
+    assert read_status(str(tmp_path))['epoch_seconds'] == [2.5]  # resumed from epoch 1: its later epoch is gone
+    with recorded(str(tmp_path), 3, 1, 50.0) as last:
+        last.epoch_done(2, 60.0, 4.0)
         last.epoch_done(3, 61.0, 1.0)
-    assert read_status(str(tmp_path))['state'] == 'finished' and read_status(str(tmp_path))['epoch_seconds'] == [
-        2.5, 3.0, 1.0]
+    saved = read_status(str(tmp_path))
+    assert (saved['state'], saved['epoch'], saved['epoch_seconds'], saved['best_acc']) == ('finished', 3,
+                                                                                          [2.5, 4.0, 1.0], 61)
     assert sorted(os.listdir(tmp_path)) == [STATUS_NAME]  # written atomically: no temporary left behind
 
 
