@@ -323,7 +323,7 @@ def main(argv=None):
             todo = [run for run in runs if found[run.name].state != 'finished']
             if args.cluster == 'slurm' and todo:
                 print(engine.sbatch_text(os.path.join(args.out, 'submitit'), len(todo), slurm_parameters(args, todo)))
-    except (UsageError, RecordError, CheckpointError, ValueError, RuntimeError) as exc:
+    except (UsageError, RecordError, CheckpointError, engine.EngineError) as exc:
         lines = str(exc).split('\n')
         print('\n'.join(lines[:-1] + [f'reproduce.py: error: {lines[-1]}']), file=sys.stderr)
         return 2

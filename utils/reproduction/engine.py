@@ -32,6 +32,10 @@ SIGNAL_DELAY_S = 180    # Slurm's warning before the time limit: time for a run 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 
 
+class EngineError(Exception):
+    """The engine cannot take the runs (GPUs, another runner, a failed submission); one line."""
+
+
 class TrainRuns(submitit.helpers.Checkpointable):
     """A submitit job: train, one after another, each of its runs that is not finished and no other job holds.
 
@@ -112,9 +116,9 @@ def gpu_groups(gpus, per_run, cpu_jobs):
     visible = torch.cuda.device_count()
     ids = parse_gpu_ids(gpus) if gpus else list(range(visible))
     if ids is None or any(i >= visible for i in ids):
-        raise ValueError(f'--gpus: expected distinct indices of the {visible} visible CUDA GPU(s), got {gpus}')
+        raise EngineError(f'--gpus: expected distinct indices of the {visible} visible CUDA GPU(s), got {gpus}')
     if len(ids) % per_run:
-        raise ValueError(f'--gpus: {len(ids)} GPU(s) do not split into groups of --gpus-per-run {per_run}')
+        raise EngineError(f'--gpus: {len(ids)} GPU(s) do not split into groups of --gpus-per-run {per_run}')
     return [tuple(ids[k:k + per_run]) for k in range(0, len(ids), per_run)] or [()] * cpu_jobs
 
 
@@ -143,10 +147,13 @@ def submit(cluster, folder, runs, parameters=None, gpu_groups_=()):
     if cluster == 'debug':
         return [(submitit.DebugExecutor(folder).submit(TrainRuns(runs, cwd)), names)]
     if cluster == 'slurm':
-        executor = submitit.SlurmExecutor(folder, max_num_timeout=REQUEUES)
-        executor.update_parameters(**parameters)
-        with executor.batch():
-            jobs = [executor.submit(TrainRuns([run], cwd)) for run in runs]
+        try:  # no srun here, or sbatch refused the script: submitit's first line says which
+            executor = submitit.SlurmExecutor(folder, max_num_timeout=REQUEUES)
+            executor.update_parameters(**parameters)
+            with executor.batch():
+                jobs = [executor.submit(TrainRuns([run], cwd)) for run in runs]
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f'Slurm: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}') from None
         return [(job, [name]) for job, name in zip(jobs, names)]
     executor, jobs = submitit.LocalExecutor(folder), []
     for gpus in gpu_groups_:
@@ -193,13 +200,13 @@ def live_jobs(out):
 
 @contextlib.contextmanager
 def runner_lock(out):
-    """Hold OUT's runner lock for the block; ValueError if another reproduce.py holds it."""
+    """Hold OUT's runner lock for the block; EngineError if another reproduce.py holds it."""
     with open(os.path.join(out, RUNNER_LOCK), 'a+') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ValueError(f'{out} is in use by another reproduce.py (PID {f.read().strip() or "?"}); follow it '
+            raise EngineError(f'{out} is in use by another reproduce.py (PID {f.read().strip() or "?"}); follow it '
                              f'with: python reproduce.py --status --out {out}') from None
         f.truncate(0)
         f.write(f'{os.getpid()}\n')
