@@ -44,7 +44,7 @@ N_TEST = 37
 FLAGS = ['--dataset', 'fashionmnist', '-j', '0', '--time_step', '2', '--train-batch', TRAIN_BATCH,
          '--test-batch', 16]
 # The run folder's lock stays: the operating system releases it when the process ends.
-RUN_FILES = {'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'log.png'}
+RUN_FILES = {'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'log.png', 'status.json'}
 TIMEOUT_S = 150
 
 LAUNCHER = '''\

@@ -35,6 +35,7 @@ from utils.training.epoch import (DIAGNOSTICS, FaultGuard, RunError, TooManyFaul
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError
 from utils.training.logger import StepLog
+from utils.training.status import recorded
 
 __all__ = ['run', 'main', 'train_epoch', 'get_lr', 'FaultGuard', 'StopRequest', 'TooManyFaults', 'RunError']
 
@@ -57,6 +58,7 @@ class Run:
     train_sampler: object = None
     columns: list = None
     last_checkpoint: str = None  # what to resume from after a stop
+    status: object = None        # the run's status file (utils.training.status), on rank 0
 
 
 def main(arch, args, explicit, ctx, state):
@@ -104,7 +106,8 @@ def main(arch, args, explicit, ctx, state):
             remove_stale_temporaries(state.folder, say)
         # 5. The epochs.
         step_log = open_step_log(stack, args.solver_log) if ctx.is_main and args.solver_log else None
-        with StopRequest() as stop:
+        with StopRequest() as stop, recorded(state.folder, args.epochs, start_epoch, best_acc,
+                                             ctx.is_main) as state.status:
             return train_epochs(state, stop, start_epoch, iteration, best_acc,
                                 saved_log(ckpt, len(state.columns)), step_log)
 
@@ -288,6 +291,8 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_lo
             logger = logger or open_log(state.folder, f'{NETS[state.arch].script} {state.arch}', state.columns)
             logger.catch_up(history)
             logger.plot(os.path.join(state.folder, PLOT_NAME))
+        if state.status is not None:
+            state.status.epoch_done(epoch + 1, best_acc, time.monotonic() - started)
         say(f'Epoch {epoch + 1}/{args.epochs}  lr {stats["lr"]:.4g}  train loss {stats["loss"]:.4f} '
             f'acc {stats["top1"]:.2f}  test loss {test_loss:.4f} acc {test_top1:.2f}  '
             f'best {best_acc:.2f}  skipped {stats["skipped"]}  ({time.monotonic() - started:.1f}s)')
