@@ -48,6 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model
+from utils.flags import DefaultsHelpFormatter
+from utils.training.console import warn
+from utils.training.epoch import AMP_EMULATED, bf16_emulated
 
 BENCH_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
 # The paper's leak λ per net (DESIGN.md §5); the solver comes with the architecture.
@@ -337,7 +340,7 @@ def add_measurement_flags(p):
 def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=BENCH_NETS, default=list(BENCH_NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
     add_measurement_flags(p)
@@ -381,6 +384,9 @@ def header(args):
 def main(argv=None):
     """Measure every (net, T) and print the table."""
     args = parse_args(argv)
+    if args.amp and bf16_emulated(torch.device(args.device)):  # as the training scripts do
+        warn(AMP_EMULATED)
+        args.amp = False
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(solver=args.solver, grad=args.grad, solver_memory=args.solver_memory, phantom_k=args.phantom_k,

@@ -36,6 +36,7 @@ from torch import nn
 
 from modules import NETS, build_model, precision
 from tools import bench
+from utils.flags import DefaultsHelpFormatter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_NETS = ("mnist_conv", "fashion_mlp", "nmnist_conv", "alexnetf", "cifarnetf")
@@ -94,13 +95,25 @@ class Report:
         return "\n".join(lines)
 
 
+class ChildFailed(RuntimeError):
+    """A child process failed; `tail` holds its last lines of output, printed under the FAIL line."""
+
+    def __init__(self, what, output, lines=15):
+        self.tail = [line for line in output.strip().splitlines() if line.strip()][-lines:]
+        super().__init__(f"{what}; last line: {self.tail[-1] if self.tail else '(no output)'}")
+
+
 def attempt(report, check, name, work):
-    """Run work() -> (ok, detail); an exception is a FAIL with its one-line message."""
+    """Run work() -> (ok, detail); an exception is a FAIL with its one-line message (and a child's last lines)."""
+    tail = ()
     try:
         ok, detail = work()
     except Exception as exc:  # a broken check must not hide the others
         ok, detail = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        tail = getattr(exc, "tail", ())
     report.add(check, name, ok, detail)
+    for line in tail:
+        print(f"      | {line}", flush=True)
 
 
 @contextlib.contextmanager
@@ -244,19 +257,23 @@ def evaluate_on_cpu(name, checkpoint, device, folder):
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     lines = [line for line in out.stdout.splitlines() if line.startswith("ACC ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"CPU evaluation failed: {out.stderr.strip()[-300:]}")
+        raise ChildFailed(f"CPU evaluation failed (exit {out.returncode})", out.stdout + out.stderr)
     return float(lines[-1].split()[1])
 
 
 # ------------------------------------------------------------------------------ ddp
 def fake_data(name, root, n_train, n_test):
-    """A small fake data set in the real format for net `name`: (--dataset, --path)."""
+    """A small fake data set in the real format of net `name`'s own data set: (--dataset, --path)."""
     from tools import fakedata
-    if name == "alexnetf":
+    dataset = NETS[name].dataset
+    if dataset == "nmnist":  # every digit in both splits: at least max(n_train, n_test) samples each
+        fakedata.make_nmnist_tree(root, fmt="raw", per_class=-(-max(n_train, n_test) // 10))
+    elif dataset == "cifar10":
         fakedata.make_cifar(root, n_train=n_train, n_test=n_test)
-        return "cifar10", root
-    fakedata.make_mnist(root, n_train=n_train, n_test=n_test)
-    return "mnist", root
+    else:
+        fakedata.make_mnist(root, n_train=n_train, n_test=n_test,
+                            kind={"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[dataset])
+    return dataset, root
 
 
 def ddp_check(name, device, time_step, batch, threshold, steps, folder):
@@ -280,7 +297,7 @@ def ddp_check(name, device, time_step, batch, threshold, steps, folder):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     saved = [os.path.join(out, f"rank{r}.pt") for r in range(DDP_WORLD)]
     if proc.returncode != 0 or not all(os.path.isfile(p) for p in saved):
-        raise RuntimeError(f"torchrun exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        raise ChildFailed(f"torchrun exit {proc.returncode}", proc.stdout + proc.stderr)
     first, second = (torch.load(p, weights_only=True) for p in saved)
     differ = [k for k in first if not torch.equal(first[k], second[k])]
     backend = "NCCL --sync-bn" if nccl else "Gloo (CPU)"
@@ -304,7 +321,7 @@ def bench_check(device, time_steps, batch, nets=DDP_NETS):
 def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.smoke", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
     p.add_argument("--nets", nargs="+", choices=PAPER_NETS, default=list(PAPER_NETS), help="nets of the step check")

@@ -71,6 +71,7 @@ def _write_temporary(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, _temporary_name(os.path.basename(path)))
     try:
+        os.makedirs(folder, exist_ok=True)  # an output folder is made when its first file is written
         # os.open (not mkstemp) so the file gets the usual umask-based mode, not 0600.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, 'wb') as f:
@@ -165,6 +166,37 @@ def make_writable_folder(folder):
 def refuse_existing_files(paths, overwrite, elsewhere=''):
     """CheckpointError naming the first of paths that exists, unless overwrite; elsewhere: how else to proceed."""
     for path in paths:
+        if os.path.isdir(path):
+            raise CheckpointError(f'{path} is a folder, not a file that can be replaced')
         if os.path.exists(path) and not overwrite:
             raise CheckpointError(f'{path} exists; pass --overwrite to replace it{elsewhere}')
+
+
+def check_output_folder(folder):
+    """CheckpointError unless files can be written in folder, or in it once it is made; creates nothing.
+
+    The nearest existing folder on the way must be a folder in which this
+    process can create a file (the writers make the rest, see atomic_write_all).
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f'cannot write in {folder}: {existing} is a file, not a folder')
+    probe = os.path.join(existing, f'.write-test.{os.getpid()}.tmp')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write in {existing}: {exc.strerror or exc}') from exc
+
+
+def check_outputs(paths, overwrite, elsewhere=''):
+    """Before any work: CheckpointError if one of the files a program will write exists (unless overwrite)
+    or its folder cannot be written; elsewhere: how else to proceed. Creates nothing."""
+    paths = [os.fspath(path) for path in paths]
+    refuse_existing_files(paths, overwrite, elsewhere)
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in paths):
+        check_output_folder(folder)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from modules import build_model, is_leaky
 from utils.training.epoch import evaluate
-from utils.files import atomic_write, atomic_write_text, checkpoint_stem, make_writable_folder, refuse_existing_files
+from utils.files import atomic_write, atomic_write_text, checkpoint_stem, check_outputs
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
@@ -50,8 +50,7 @@ def check_time_steps(time_steps):
 
 def refuse_existing(out_prefix, overwrite):
     """Raise CheckpointError if a sweep file exists and overwrite is False, or the folder is not writable."""
-    refuse_existing_files(sweep_paths(out_prefix).values(), overwrite)
-    make_writable_folder(os.path.dirname(os.path.abspath(out_prefix)))
+    check_outputs(sweep_paths(out_prefix).values(), overwrite, ' or --out-dir to write elsewhere')
 
 
 @torch.no_grad()
