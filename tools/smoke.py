@@ -48,6 +48,10 @@ MODES = {"fp32": (False, False), "amp": (True, False), "fp32+tf32": (False, True
 # z = f(a), and (I - J)⁻¹ amplifies it. Measured on a CPU at T = 8, batch 8: float32 7e-8 (mnist_conv) to
 # 4.4e-3 (cifarnetf), bf16 4e-3 to 0.14 (alexnetf, cifarnetf). TF32 (not measurable on a CPU) lies between.
 TOLERANCE = {"fp32": 1e-2, "amp": 3e-1, "fp32+tf32": 3e-1, "amp+tf32": 3e-1}
+# The smallest batch of the step and ddp checks. The tolerances hold there for every net (measured on a CPU
+# at T = 8: amp 4e-3 to 0.10 at batch 4, as at batch 8); at batch 2 one sample's spikes dominate the
+# gradient and bf16 reached 0.59, and at batch 1 BatchNorm has no variance to normalise by.
+MIN_BATCH = 4
 # The adjoint solve always runs in full float32, so every mode must bring its residual this low
 # (measured 4e-8 to 4e-7; TF32 products stalled near 2e-5 at the 30-iteration cap).
 RESIDUAL_LIMIT = 5e-6
@@ -337,12 +341,15 @@ def parse_args(argv=None):
     p.add_argument("--ddp-steps", type=int, default=3)
     p.add_argument("--bench-nets", nargs="+", choices=bench.BENCH_NETS, default=list(DDP_NETS))
     p.add_argument("--bench-time-steps", nargs="+", type=int, default=[30, 100])
-    p.add_argument("--bench-batch", type=int, default=None, help="default: tools.bench's for the device")
+    p.add_argument("--bench-batch", type=int, default=None, help="(default: tools.bench's for the device)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if min([args.time_step, args.batch, args.threshold, args.resume_batch, args.ddp_steps, *args.bench_time_steps]) < 1:
         p.error("--time-step, --batch, --threshold, --resume-batch, --ddp-steps and --bench-time-steps must be >= 1")
+    if args.batch < MIN_BATCH:
+        p.error(f"--batch: expected at least {MIN_BATCH}, the smallest batch at which the checks' tolerances "
+                f"were measured, got {args.batch}")
     if args.modes is None:
         args.modes = list(MODES) if args.device == "cuda" else ["fp32", "amp"]
     return args
