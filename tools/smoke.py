@@ -390,7 +390,11 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"smoke check: torch {torch.__version__}, {where}, T={args.time_step}, batch {args.batch}", flush=True)
     report, started = Report(), time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="smoke_") as folder:
+    try:  # the checks' runs write into a scratch folder: made before any of them
+        scratch = tempfile.TemporaryDirectory(prefix="smoke_")
+    except OSError as exc:
+        sys.exit(f"python -m tools.smoke: error: cannot make a scratch folder: {exc}")
+    with scratch as folder:
         run_checks(args, report, folder)
     print("\n" + report.table())
     failed = report.failed()

@@ -19,8 +19,8 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 # The gradient's options besides the paper's solver settings (build_model's defaults).
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
                          solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
-RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, out_dir=None, overwrite=False,
-                    gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
+RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, out_dir=None,
+                    overwrite=False, gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -244,6 +244,7 @@ class Mode:
 
 
 def _exact_solve(args):
+    """True when the gradient is the exact implicit one, found by an adjoint solve."""
     return args.method == 'ide' and args.grad == 'ide'
 
 

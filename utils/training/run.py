@@ -27,8 +27,9 @@ from utils.training.resume import (FolderLock, check_folder, check_resumable, is
                               save_state, saved_log, seed_everything, set_aside_abandoned, training_state, PLOT_NAME)
 from utils.training.console import error, warn
 from utils.data.datasets import DataError, build_loaders, get_datasets
-from utils.training.epoch import (AMP_EMULATED, DIAGNOSTICS, IDLE_SOLVES, FaultGuard, bf16_emulated, RunError, TooManyFaults, evaluate, get_lr,
-                          likely_cause, make_optimizer, native_bf16, train_epoch)
+from utils.training.epoch import (AMP_EMULATED, DIAGNOSTICS, IDLE_SOLVES, FaultGuard, RunError, TooManyFaults,
+                                  bf16_emulated, evaluate, get_lr, likely_cause, make_optimizer, native_bf16,
+                                  train_epoch)
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError
 from utils.training.logger import StepLog
@@ -99,6 +100,7 @@ class Run:
     train_sampler: object = None
     columns: list = None
     last_checkpoint: str = None  # what to resume from after a stop
+    step_log: StepLog = None     # --solver-log, on rank 0
 
 
 def main(arch, args, explicit, ctx, state):
@@ -119,15 +121,12 @@ def main(arch, args, explicit, ctx, state):
         sweep_prefix = sweep.sweep_prefix(args.resume, args.sweep_T, args.out_dir)
         sweep.refuse_existing(sweep_prefix, args.overwrite)
     state.device = device = start_up(args, ctx, say)
-    step_log = None
     with contextlib.ExitStack() as stack:
-        # 2. The folder: owned by this run for its lifetime, never another run's.
+        # 2. The folder and the solver log: owned by this run for its lifetime, never another run's.
         if not args.evaluate:
             state.folder = run_folder(args, explicit)
             state.columns = log_columns([*DIAGNOSTICS, IDLE_SOLVES])
-            on_rank0(ctx, device, lambda: claim_folder(stack, state.folder, args, ckpt, state.columns, say))
-            if ctx.is_main and args.solver_log:
-                step_log = open_step_log(stack, args.solver_log, state.folder, ckpt, args.resume, say)
+            on_rank0(ctx, device, lambda: claim_run_files(stack, state, ckpt))
         # 3. Data, model, loss.
         train_set, test_set, num_classes = load_data(args, ctx, device)
         state.train_loader, state.test_loader, state.train_sampler = build_loaders(
@@ -152,7 +151,7 @@ def main(arch, args, explicit, ctx, state):
         # 5. The epochs.
         with StopRequest() as stop:
             return train_epochs(state, stop, start_epoch, iteration, best_acc,
-                                saved_log(ckpt, len(state.columns)), step_log)
+                                saved_log(ckpt, len(state.columns)), state.step_log)
 
 
 def evaluate_only(state, model, prefix):
@@ -233,6 +232,14 @@ def run_folder(args, explicit):
     if args.resume and 'checkpoint' not in explicit:
         return os.path.dirname(os.path.abspath(args.resume))
     return args.checkpoint
+
+
+def claim_run_files(stack, state, ckpt):
+    """Claim the run's folder, and its --solver-log (state.step_log), for the run's lifetime."""
+    args = state.args
+    claim_folder(stack, state.folder, args, ckpt, state.columns, state.say)
+    if args.solver_log:
+        state.step_log = open_step_log(stack, args.solver_log, state.folder, ckpt, args.resume, state.say)
 
 
 def claim_folder(stack, folder, args, ckpt, columns, say):
