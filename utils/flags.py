@@ -20,7 +20,8 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
                          solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, out_dir=None,
-                    overwrite=False, gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
+                    overwrite=False, gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False,
+                    dist_timeout=60.0)
 
 
 class OneLineParser(argparse.ArgumentParser):
