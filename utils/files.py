@@ -71,7 +71,6 @@ def _write_temporary(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, _temporary_name(os.path.basename(path)))
     try:
-        os.makedirs(folder, exist_ok=True)  # an output folder is made when its first file is written
         # os.open (not mkstemp) so the file gets the usual umask-based mode, not 0600.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, 'wb') as f:
@@ -176,7 +175,7 @@ def check_output_folder(folder):
     """CheckpointError unless files can be written in folder, or in it once it is made; creates nothing.
 
     The nearest existing folder on the way must be a folder in which this
-    process can create a file (the writers make the rest, see atomic_write_all).
+    process can create a file; the writer makes the rest (make_folder_for) when it writes.
     """
     folder = os.path.abspath(os.fspath(folder))
     existing = folder
@@ -190,6 +189,15 @@ def check_output_folder(folder):
         os.remove(probe)
     except OSError as exc:
         raise CheckpointError(f'cannot write in {existing}: {exc.strerror or exc}') from exc
+
+
+def make_folder_for(paths):
+    """Create the folders of paths that do not exist yet (those check_outputs found writable)."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(os.fspath(path))) for path in paths):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
 
 
 def check_outputs(paths, overwrite, elsewhere=''):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.files import atomic_write_all, checkpoint_stem
+from utils.files import atomic_write_all, checkpoint_stem, make_folder_for
 from utils.analysis.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
 
 # Suffixes dropped from a checkpoint's file name to name its statistics files.
@@ -383,6 +383,7 @@ def sweep_png(runs, title='', costs=EnergyCosts()):
 
 def write_files(paths, payload, runs, png, costs=EnergyCosts()):
     """Write the JSON (payload), CSV (runs) and PNG (bytes) files together: all three or none are replaced."""
+    make_folder_for(paths.values())
     contents = {'json': (json.dumps(payload, indent=2) + '\n').encode('utf-8'),
                 'csv': csv_text(runs, costs).encode('utf-8'), 'png': png}
     atomic_write_all([(paths[key], lambda f, data=data: f.write(data)) for key, data in contents.items()])

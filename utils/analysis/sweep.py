@@ -18,7 +18,7 @@ from torch import nn
 
 from modules import build_model, is_leaky
 from utils.training.epoch import evaluate
-from utils.files import atomic_write, atomic_write_text, checkpoint_stem, check_outputs
+from utils.files import atomic_write, atomic_write_text, checkpoint_stem, check_outputs, make_folder_for
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
@@ -96,6 +96,7 @@ def plot_png(rows, title):
 def write_files(out_prefix, arch, model_args, rows):
     """Write the JSON, CSV and PNG of a sweep, each atomically; return their paths."""
     paths = sweep_paths(out_prefix)
+    make_folder_for(paths.values())
     neuron = 'LIF' if is_leaky(model_args.get('leaky')) else 'IF'
     payload = {'arch': arch, 'neuron': neuron, 'model_args': model_args, 'rows': rows}
     atomic_write_text(paths['json'], json.dumps(payload, indent=2) + '\n')
