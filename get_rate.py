@@ -22,8 +22,8 @@ from modules import NETS, build_model, settings
 from utils import flags, signals
 from utils.analysis.sweep import LoadersByT, measure as evaluate, model_at
 from utils.data.datasets import DataError
-from utils.checkpoint import load_checkpoint, load_into_model
-from utils.files import CheckpointError, make_writable_folder, refuse_existing_files
+from utils.checkpoint import load_checkpoint, load_into_model, normalize_state_dict
+from utils.files import CheckpointError, check_outputs
 from utils.analysis.rates import (format_sweep, format_table, neuron_text, output_paths, rates_png, stats_dict,
                                   sweep_png, write_files)
 from utils.analysis.sops import E_AC_PJ, E_MAC_PJ, EnergyCosts
@@ -117,6 +117,13 @@ def model_kwargs(args, ckpt):
             'vth': args.vth or saved.get('vth', paper['vth'])}
 
 
+def check_fits(ckpt, arch, kwargs):
+    """CheckpointError unless the checkpoint's weights fit network arch (with its own number of classes)."""
+    classifier = normalize_state_dict(ckpt['state_dict']).get('classifier.weight')
+    classes = classifier.shape[0] if getattr(classifier, 'ndim', 0) == 2 else 10
+    load_into_model(build_model(arch, **{**kwargs, 'num_classes': classes}), ckpt, expected_arch=arch)
+
+
 def write_stats(paths, payload, runs, png, costs, written):
     """Write the JSON, CSV and PNG files of one or more runs together; append their paths to written."""
     # A stop while the files are moved into place would leave some replaced and some not.
@@ -131,16 +138,17 @@ def run(args, written):
     device, device_line = choose_device(args.gpu_id)
     print(device_line)
     ckpt = load_checkpoint(args.resume)
+    kwargs = model_kwargs(args, ckpt)
+    check_fits(ckpt, args.arch, kwargs)
     folder = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
-    make_writable_folder(folder)  # at start-up: the evaluation can take hours
+    paths = output_paths(args.resume, kwargs['time_step'], folder)
+    sweep_paths = output_paths(args.resume, args.sweep_T, folder) if args.sweep_T else {}
+    # At start-up, creating nothing: the data's preparation and the evaluation can take hours.
+    check_outputs(list(paths.values()) + list(sweep_paths.values()), args.overwrite,
+                  ' or --out-dir to write elsewhere')
     args.dataset, dataset_line = choose_dataset(args.dataset, trained_dataset(ckpt, args.arch), args.arch)
     if dataset_line:
         print(dataset_line)
-    kwargs = model_kwargs(args, ckpt)
-    paths = output_paths(args.resume, kwargs['time_step'], folder)
-    sweep_paths = output_paths(args.resume, args.sweep_T, folder) if args.sweep_T else {}
-    refuse_existing_files(list(paths.values()) + list(sweep_paths.values()), args.overwrite,
-                          ' or --out-dir to write elsewhere')
     costs = EnergyCosts(args.e_ac, args.e_mac)
 
     print(f'==> Preparing dataset {args.dataset}')

@@ -103,6 +103,10 @@ def adjoint_solve(grad="ide", solver="broyden", threshold=30, tol=None, solver_m
     if threshold < 1:
         raise ValueError(f"threshold must be >= 1, got {threshold}")
     get_solver(solver)  # an unknown solver name is an error in every mode
+    if tol is not None and not 0.0 < tol < 1.0:
+        # The solve stops once the residual is below tol × its first value: tol ≥ 1 stops before the first
+        # iteration and leaves y = v (or 0), a gradient that is not the implicit one.
+        raise ValueError(f"tol must be a fraction in (0, 1) or None, got {tol}")
     if grad != "ide" and solver_memory is not None:
         raise ValueError(f"solver_memory applies to grad='ide' only, not to grad={grad!r}")
     if phantom_form not in PHANTOM_FORMS:

@@ -38,6 +38,7 @@ from tests.test_release_checkpoints import release_checkpoint, save_as_cuda
 from utils.training import distributed, run as train
 from utils.data.datasets import DataError
 from utils.checkpoint import load_checkpoint
+from utils.training.status import STATUS_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny runs: two time steps, three solver iterations, two training batches per epoch.
@@ -186,10 +187,11 @@ def fails(script, argv, capsys):
 
 
 def digest(folder):
-    """{name: sha256} of every file in folder (hidden ones included) but the lock, which names its last holder."""
+    """{name: sha256} of every file in folder (hidden ones included) but the lock and the status file, which
+    describe the process that holds the folder now, not what a run saved."""
     result = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_file() and entry.name != '.lock':
+        if entry.is_file() and entry.name not in ('.lock', STATUS_NAME):
             with open(entry.path, 'rb') as f:
                 result[entry.name] = hashlib.sha256(f.read()).hexdigest()
     return result
@@ -318,7 +320,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(trained, tmp_path, si
     marks.mkdir()
     proc = launch('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'], {'stall_write': CKPT}, marks)
     wait_for(marks / 'writing', proc)
-    temporary = [name for name in os.listdir(folder) if name not in before and name != '.lock']
+    temporary = [name for name in os.listdir(folder) if name not in before and name not in ('.lock', STATUS_NAME)]
     assert f'.{CKPT}.' in ''.join(temporary) and all(name.endswith('.tmp') for name in temporary)
     proc.send_signal(signal.SIGKILL)
     assert finish(proc)[0] == -signal.SIGKILL
@@ -464,13 +466,15 @@ def fill(folder):
 
 
 def test_real_full_disk_keeps_the_previous_checkpoint(trained, tmpfs, capsys, single_thread):
-    """On a file system that really is full, the failed save is one line and the previous checkpoint is intact."""
+    """On a file system that really is full, the failed write is one line and the previous checkpoint is intact.
+
+    A resumed run rewrites its status file first, so it stops there, before training an epoch it could not save."""
     folder = copy_run(trained, tmpfs / 'run')
     before = digest(folder)
     fill(tmpfs)
     code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'], capsys)
     assert code == 1 and line in {f'fashion_mlp.py: error: cannot write {folder / name}: No space left on device'
-                                  for name in (CKPT, BEST)}
+                                  for name in (CKPT, BEST, STATUS_NAME)}
     assert digest(folder) == before
     assert load_checkpoint(folder / CKPT)['epoch'] == 1
 

@@ -297,7 +297,7 @@ def test_a_log_of_the_six_paper_columns_gains_the_diagnostics(trained, tmp_path)
     run_main('fashion_mlp', ['--resume', folder / CKPT, '--epochs', '2'])
     with open(folder / LOG, encoding='utf-8') as f:
         header = f.readline().rstrip('\n').split('\t')
-    assert header == BASE_COLUMNS + list(engine.DIAGNOSTICS)
+    assert header == BASE_COLUMNS + list(engine.DIAGNOSTICS) + [engine.IDLE_SOLVES]
     first, second = log_rows(folder)
     assert [first[name] for name in BASE_COLUMNS] == [float(v) for v in old[1].split('\t')]
     assert all(first[name] is None for name in engine.DIAGNOSTICS)
@@ -356,13 +356,14 @@ def test_sweep_T_writes_one_accuracy_per_T_beside_the_checkpoint(trained, tmp_pa
 
     before, inode = digest(folder), os.stat(f'{prefix}.json').st_ino
     code, line = fails('fashion_mlp', ['-e', '--resume', folder / CKPT, '--sweep-T', '2', '4'], capsys)
-    assert code == 1 and line == f'fashion_mlp.py: error: {prefix}.json exists; pass --overwrite to replace it'
+    assert code == 1 and line == (f'fashion_mlp.py: error: {prefix}.json exists; pass --overwrite to replace it '
+                                  'or --out-dir to write elsewhere')
     assert digest(folder) == before
     run_main('fashion_mlp', ['-e', '--resume', folder / CKPT, '--sweep-T', '2', '4', '--overwrite'])
     assert os.stat(f'{prefix}.json').st_ino != inode  # written anew
 
     code, line = fails('fashion_mlp', ['--resume', folder / CKPT, '--sweep-T', '2'], capsys)
-    assert (code, line) == (2, 'fashion_mlp.py: error: --sweep-T: needs -e --resume FILE, the checkpoint to measure')
+    assert (code, line) == (2, 'fashion_mlp.py: error: --sweep-T: has no effect unless -e --resume FILE; leave it out')
     # Typed in any order, with repeats: one set of T (as get_rate.py takes it).
     args, _, _ = flags.parse_args('fashion_mlp', ['-e', '--resume', 'x', '--sweep-T', '4', '2', '4'])
     assert args.sweep_T == [2, 4]

@@ -4,7 +4,7 @@ import torch.distributed as dist
 
 from tools import smoke
 
-REDUCED = ["--device", "cpu", "--nets", "mnist_conv", "--time-step", "2", "--batch", "2",
+REDUCED = ["--device", "cpu", "--nets", "mnist_conv", "--time-step", "2", "--batch", str(smoke.MIN_BATCH),
            "--resume-net", "fashion_mlp", "--resume-batch", "256", "--ddp-nets", "mnist_conv",
            "--bench-nets", "mnist_conv", "--bench-time-steps", "2", "3", "--bench-batch", "2"]
 
@@ -26,6 +26,6 @@ def test_smoke_fails_when_a_check_fails(capsys, monkeypatch):
     """A check that breaks (here the gradient tolerance set to an impossible 0) prints FAIL and the exit code is 1."""
     monkeypatch.setitem(smoke.TOLERANCE, "fp32", 0.0)
     code = smoke.main(["--device", "cpu", "--checks", "step", "--nets", "mnist_conv", "--modes", "fp32",
-                       "--time-step", "2", "--batch", "2", "--threshold", "3"])
+                       "--time-step", "2", "--batch", str(smoke.MIN_BATCH), "--threshold", "3"])
     out = capsys.readouterr().out
     assert code == 1 and "FAIL  step" in out

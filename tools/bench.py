@@ -55,6 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from modules import ARCHITECTURES, GRADIENTS, NETS, SOLVERS, VariationalDropout, adjoint_solve, build_model, settings
+from utils.flags import DefaultsHelpFormatter
+from utils.training.console import warn
+from utils.training.epoch import AMP_EMULATED, bf16_emulated
 
 # Small batches keep the whole CPU table within minutes on two cores.
 CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf": 8, "cifarnetf": 8}
@@ -301,7 +304,7 @@ def add_measurement_flags(p):
 def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[30, 100])
     add_measurement_flags(p)
@@ -345,6 +348,9 @@ def header(args):
 def main(argv=None):
     """Measure every (net, T) and print the table."""
     args = parse_args(argv)
+    if args.amp and bf16_emulated(torch.device(args.device)):  # as the training scripts do
+        warn(AMP_EMULATED)
+        args.amp = False
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(solver=args.solver, grad=args.grad, solver_memory=args.solver_memory, phantom_k=args.phantom_k,

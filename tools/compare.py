@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from modules import ARCHITECTURES, BN_MODES, NETS
 from tools.bench import (TrainingStep, add_measurement_flags, batch_size, build_training, cpu_peak_mb, cuda_peak_mb,
                          make_batch, release_step_buffers, time_ms)
-from utils.files import atomic_write_all, figure, png_bytes
+from utils.files import CheckpointError, atomic_write_all, check_outputs, figure, png_bytes
+from utils.flags import DefaultsHelpFormatter
 
 METHODS = ("ide", "bptt")
 TIMING_COLUMNS = ("net", "T", "batch", "IDE ms", "BPTT ms", "time BPTT/IDE", "IDE MB", "BPTT MB", "mem BPTT/IDE")
@@ -389,7 +390,7 @@ def report(args, rows, cosines, memory):
 def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
     p.add_argument("--time-steps", nargs="+", type=int, default=[5, 10, 30, 100])
     add_measurement_flags(p)
@@ -409,6 +410,10 @@ def parse_args(argv=None):
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
     if existing and not args.overwrite:
         p.error(f"{args.out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
+    try:  # before minutes of measuring
+        check_outputs([os.path.join(args.out, f) for f in OUTPUTS], overwrite=True)
+    except CheckpointError as exc:
+        p.error(f"--out: {exc}")
     return args
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from modules import NETS, build_model, precision
 from tools import bench
 from utils.checkpoint import CHECKPOINT_NAME
+from utils.flags import DefaultsHelpFormatter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("step", "resume", "ddp", "bench")
@@ -49,6 +50,10 @@ MODES = {"fp32": (False, False), "amp": (True, False), "fp32+tf32": (False, True
 # z = f(a), and (I - J)⁻¹ amplifies it. Measured on a CPU at T = 8, batch 8: float32 7e-8 (mnist_conv) to
 # 4.4e-3 (cifarnetf), bf16 4e-3 to 0.14 (alexnetf, cifarnetf). TF32 (not measurable on a CPU) lies between.
 TOLERANCE = {"fp32": 1e-2, "amp": 3e-1, "fp32+tf32": 3e-1, "amp+tf32": 3e-1}
+# The smallest batch of the step and ddp checks: the tolerances hold there for every net (measured on a CPU
+# at T = 8: amp 4e-3 to 0.10 at batch 4, 4e-3 to 0.11 at batch 8), while at batch 2 fashion_mlp's amp error
+# reached 0.59, and at batch 1 its BatchNorm has no variance to normalise by.
+MIN_BATCH = 4
 # The adjoint solve always runs in full float32, so every mode must bring its residual this low
 # (measured 4e-8 to 4e-7; TF32 products stalled near 2e-5 at the 30-iteration cap).
 RESIDUAL_LIMIT = 5e-6
@@ -96,13 +101,25 @@ class Report:
         return "\n".join(lines)
 
 
+class ChildFailed(RuntimeError):
+    """A child process failed; `tail` holds its last lines of output, printed under the FAIL line."""
+
+    def __init__(self, what, output, lines=15):
+        self.tail = [line for line in output.strip().splitlines() if line.strip()][-lines:]
+        super().__init__(f"{what}; last line: {self.tail[-1] if self.tail else '(no output)'}")
+
+
 def attempt(report, check, name, work):
-    """Run work() -> (ok, detail); an exception is a FAIL with its one-line message."""
+    """Run work() -> (ok, detail); an exception is a FAIL with its one-line message (and a child's last lines)."""
+    tail = ()
     try:
         ok, detail = work()
     except Exception as exc:  # a broken check must not hide the others
         ok, detail = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        tail = getattr(exc, "tail", ())
     report.add(check, name, ok, detail)
+    for line in tail:
+        print(f"      | {line}", flush=True)
 
 
 @contextlib.contextmanager
@@ -239,19 +256,23 @@ def evaluate_on_cpu(name, checkpoint, device, folder):
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     lines = [line for line in out.stdout.splitlines() if line.startswith("ACC ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"CPU evaluation failed: {out.stderr.strip()[-300:]}")
+        raise ChildFailed(f"CPU evaluation failed (exit {out.returncode})", out.stdout + out.stderr)
     return float(lines[-1].split()[1])
 
 
 # ------------------------------------------------------------------------------ ddp
 def fake_data(name, root, n_train, n_test):
-    """A small fake data set in the real format for net `name`: (--dataset, --path)."""
+    """A small fake data set in the real format of net `name`'s own data set: (--dataset, --path)."""
     from tools import fakedata
-    if name == "alexnetf":
+    dataset = NETS[name].dataset
+    if dataset == "nmnist":  # every digit in both splits: at least max(n_train, n_test) samples each
+        fakedata.make_nmnist_tree(root, fmt="raw", per_class=-(-max(n_train, n_test) // 10))
+    elif dataset == "cifar10":
         fakedata.make_cifar(root, n_train=n_train, n_test=n_test)
-        return "cifar10", root
-    fakedata.make_mnist(root, n_train=n_train, n_test=n_test)
-    return "mnist", root
+    else:
+        fakedata.make_mnist(root, n_train=n_train, n_test=n_test,
+                            kind={"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[dataset])
+    return dataset, root
 
 
 def ddp_check(name, device, time_step, batch, threshold, steps, folder):
@@ -275,7 +296,7 @@ def ddp_check(name, device, time_step, batch, threshold, steps, folder):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     saved = [os.path.join(out, f"rank{r}.pt") for r in range(DDP_WORLD)]
     if proc.returncode != 0 or not all(os.path.isfile(p) for p in saved):
-        raise RuntimeError(f"torchrun exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        raise ChildFailed(f"torchrun exit {proc.returncode}", proc.stdout + proc.stderr)
     first, second = (torch.load(p, weights_only=True) for p in saved)
     differ = [k for k in first if not torch.equal(first[k], second[k])]
     backend = "NCCL --sync-bn" if nccl else "Gloo (CPU)"
@@ -303,7 +324,7 @@ def bench_check(device, time_steps, batch, nets=DDP_NETS):
 def parse_args(argv=None):
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m tools.smoke", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
     p.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS), help="nets of the step check")
@@ -319,12 +340,15 @@ def parse_args(argv=None):
     p.add_argument("--ddp-steps", type=int, default=3)
     p.add_argument("--bench-nets", nargs="+", choices=tuple(NETS), default=list(DDP_NETS))
     p.add_argument("--bench-time-steps", nargs="+", type=int, default=[30, 100])
-    p.add_argument("--bench-batch", type=int, default=None, help="default: tools.bench's for the device")
+    p.add_argument("--bench-batch", type=int, default=None, help="(default: tools.bench's for the device)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if min([args.time_step, args.batch, args.threshold, args.resume_batch, args.ddp_steps, *args.bench_time_steps]) < 1:
         p.error("--time-step, --batch, --threshold, --resume-batch, --ddp-steps and --bench-time-steps must be >= 1")
+    if args.batch < MIN_BATCH:
+        p.error(f"--batch: expected at least {MIN_BATCH}, the smallest batch at which the checks' tolerances "
+                f"were measured, got {args.batch}")
     if args.modes is None:
         args.modes = list(MODES) if args.device == "cuda" else ["fp32", "amp"]
     return args
@@ -365,7 +389,11 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"smoke check: torch {torch.__version__}, {where}, T={args.time_step}, batch {args.batch}", flush=True)
     report, started = Report(), time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="smoke_") as folder:
+    try:  # the checks' runs write into a scratch folder: made before any of them
+        scratch = tempfile.TemporaryDirectory(prefix="smoke_")
+    except OSError as exc:
+        sys.exit(f"python -m tools.smoke: error: cannot make a scratch folder: {exc}")
+    with scratch as folder:
         run_checks(args, report, folder)
     print("\n" + report.table())
     failed = report.failed()

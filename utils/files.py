@@ -184,6 +184,46 @@ def make_writable_folder(folder):
 def refuse_existing_files(paths, overwrite, elsewhere=''):
     """CheckpointError naming the first of paths that exists, unless overwrite; elsewhere: how else to proceed."""
     for path in paths:
+        if os.path.isdir(path):
+            raise CheckpointError(f'{path} is a folder, not a file that can be replaced')
         if os.path.exists(path) and not overwrite:
             raise CheckpointError(f'{path} exists; pass --overwrite to replace it{elsewhere}')
+
+
+def check_output_folder(folder):
+    """CheckpointError unless files can be written in folder, or in it once it is made; creates nothing.
+
+    The nearest existing folder on the way must be a folder in which this
+    process can create a file; the writer makes the rest (make_folder_for) when it writes.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f'cannot write in {folder}: {existing} is a file, not a folder')
+    probe = os.path.join(existing, f'.write-test.{os.getpid()}.tmp')
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f'cannot write in {existing}: {exc.strerror or exc}') from exc
+
+
+def make_folder_for(paths):
+    """Create the folders of paths that do not exist yet (those check_outputs found writable)."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(os.fspath(path))) for path in paths):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
+
+
+def check_outputs(paths, overwrite, elsewhere=''):
+    """Before any work: CheckpointError if one of the files a program will write exists (unless overwrite)
+    or its folder cannot be written; elsewhere: how else to proceed. Creates nothing."""
+    paths = [os.fspath(path) for path in paths]
+    refuse_existing_files(paths, overwrite, elsewhere)
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in paths):
+        check_output_folder(folder)
 

@@ -7,6 +7,8 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,7 +18,7 @@ from modules import (ARCHITECTURES, BN_MODES, GRADIENTS, METHODS, NETS, PHANTOM_
 OPTIMIZERS = ('SGD', 'Adam')
 # Flags that belong to this invocation or machine: a resumed run never takes them from the checkpoint.
 LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn', 'start_epoch', 'deterministic',
-               'dist_timeout', 'sweep_T', 'solver_log', 'overwrite')
+               'dist_timeout', 'sweep_T', 'out_dir', 'overwrite')
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 # The gradient's options besides the paper's solver settings (build_model's defaults).
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, phantom_form='neumann',
@@ -24,8 +26,9 @@ GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_ta
                          surrogate_alpha=None, detach_reset=False, bptt_bn='batch')
 # Flags added after checkpoints were written, with the value that reproduces what such an older run did.
 SAVED_BEFORE_FLAG = dict(bptt_bn='running')
-RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
-                    gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
+RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, out_dir=None,
+                    overwrite=False, gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False,
+                    dist_timeout=60.0)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,6 +48,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {" ".join(message.split())}\n')
 
 
+# The networks compute in float32: a number it rounds to infinity or to zero cannot mean what was typed.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _as_float32(value):
+    """value rounded to float32 (inf beyond its range, 0 below its smallest number)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
 def _number(kind, accepted, test):
     """An argparse type: kind(text) that must pass test, else an error naming what is accepted."""
     def convert(text):
@@ -53,14 +65,16 @@ def _number(kind, accepted, test):
         except ValueError:
             raise argparse.ArgumentTypeError(f'expected {accepted}, got {text!r}') from None
         if not test(value):
-            raise argparse.ArgumentTypeError(f'expected {accepted}, got {text!r}')
+            beyond = isinstance(value, float) and math.isfinite(value) and not math.isfinite(_as_float32(value))
+            why = f' (beyond float32\'s largest number, {FLOAT32_MAX:.3g})' if beyond else ''
+            raise argparse.ArgumentTypeError(f'expected {accepted}, got {text!r}{why}')
         return value
     return convert
 
 
 def _finite(test):
-    """test, and the value is finite."""
-    return lambda v: math.isfinite(v) and test(v)
+    """test of the value as float32 holds it, which must be finite."""
+    return lambda v: math.isfinite(_as_float32(v)) and test(_as_float32(v))
 
 
 POSITIVE_INT = _number(int, 'an integer >= 1', lambda v: v >= 1)
@@ -70,7 +84,7 @@ SEED = _number(int, 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)
 POSITIVE = _number(float, 'a number > 0', _finite(lambda v: v > 0))
 NON_NEGATIVE = _number(float, 'a number >= 0', _finite(lambda v: v >= 0))
 PROBABILITY = _number(float, 'a number in [0, 1)', _finite(lambda v: 0 <= v < 1))
-ANY_FLOAT = _number(float, 'a number', math.isfinite)
+ANY_FLOAT = _number(float, 'a number', _finite(lambda v: True))
 
 
 DAMPING = _number(float, 'a number in (0, 1]', _finite(lambda v: 0 < v <= 1))
@@ -83,7 +97,8 @@ def _or_none(kind):
     return convert
 
 
-TOLERANCE = _or_none(POSITIVE)
+# The solver stops once the residual is below tol × its first value: only a fraction can ask for any iteration.
+TOLERANCE = _or_none(_number(float, 'a fraction in (0, 1)', _finite(lambda v: 0 < v < 1)))
 OPTIONAL_POSITIVE = _or_none(POSITIVE)
 OPTIONAL_POSITIVE_INT = _or_none(POSITIVE_INT)
 
@@ -139,8 +154,8 @@ def _gradient_flags(parser, default, net):
     group.add_argument('--threshold', type=POSITIVE_INT, default=default('threshold'),
                        help='maximum solver iterations')
     group.add_argument('--tol', type=TOLERANCE, default=default('tol'),
-                       help='stop the solver once the residual fell by this factor; none: the paper\'s rule, '
-                            'run all iterations (default: none)')
+                       help='stop the solver once the residual is below this fraction of its first value, e.g. '
+                            '1e-3 (a fall by 1000x); none: the paper\'s rule, run all iterations (default: none)')
     group.add_argument('--solver-memory', type=OPTIONAL_POSITIVE_INT, default=default('solver_memory'),
                        metavar='M', help='terms kept by broyden (default 27) or anderson (default 5); none: the '
                                          'solver\'s default (default: none)')
@@ -210,6 +225,8 @@ def _run_flags(parser, default, net):
     group.add_argument('--sweep-T', type=POSITIVE_INT, nargs='+', default=default('sweep_T'), metavar='T',
                        help='with -e: test accuracy at each of these T, written beside the checkpoint '
                             '(acc_<checkpoint>_sweepT<...>.json/.csv/.png)')
+    group.add_argument('--out-dir', default=default('out_dir'), metavar='DIR',
+                       help='with --sweep-T: the folder for its files (default: the checkpoint\'s)')
     group.add_argument('--overwrite', action='store_true', default=default('overwrite'),
                        help='with --sweep-T: replace the files of an earlier sweep')
     group.add_argument('--manualSeed', type=SEED, default=default('manualSeed'),
@@ -234,6 +251,56 @@ def _device_flags(parser, default, net):
                        help='how long a process under torchrun waits for the others (e.g. while one prepares data)')
 
 
+@dataclass(frozen=True)
+class Mode:
+    """The mode in which a flag acts: `when`, as a user would type it, and the test of the parsed flags for it."""
+    when: str
+    holds: Callable
+
+
+def _exact_solve(args):
+    """True when the gradient is the exact implicit one, found by an adjoint solve."""
+    return args.method == 'ide' and args.grad == 'ide'
+
+
+IDE = Mode('--method ide', lambda args: args.method == 'ide')
+BPTT = Mode('--method bptt', lambda args: args.method == 'bptt')
+EXACT = Mode('--method ide --grad ide', _exact_solve)
+PHANTOM = Mode('--method ide --grad phantom', lambda args: args.method == 'ide' and args.grad == 'phantom')
+SOLVER_MEMORY = Mode('--method ide --grad ide --solver ' + '|'.join(
+    sorted(name for name, solver in SOLVERS.items() if 'memory' in solver.options)),
+    lambda args: _exact_solve(args) and 'memory' in SOLVERS[args.solver].options)
+EVALUATE = Mode('-e --resume FILE', lambda args: args.evaluate)
+SWEEP = Mode('-e --resume FILE --sweep-T ...', lambda args: args.evaluate and bool(args.sweep_T))
+RESUME = Mode('--resume FILE (training)', lambda args: bool(args.resume) and not args.evaluate)
+
+# Every flag that acts only in some mode: typed outside it, it would change nothing (and be saved in the
+# checkpoint as if it had), so it is refused. A new flag of that kind joins with one entry.
+FLAG_MODES = {
+    'grad': IDE, 'forward_residual': IDE, 'solver_log': IDE,
+    'solver': EXACT, 'threshold': EXACT, 'tol': EXACT, 'solver_memory': SOLVER_MEMORY,
+    'phantom_k': PHANTOM, 'phantom_tau': PHANTOM,
+    'surrogate': BPTT, 'surrogate_alpha': BPTT, 'detach_reset': BPTT,
+    'sweep_T': EVALUATE, 'out_dir': SWEEP, 'overwrite': SWEEP, 'rewind': RESUME,
+}
+
+
+def flag_name(dest):
+    """The command-line name of the flag stored as dest: 'solver_memory' -> '--solver-memory'."""
+    return '--' + dest.replace('_', '-')
+
+
+def inert_flag(args, typed):
+    """The one-line refusal of the first typed flag (a dest in typed) that has no effect in the mode of args, or None.
+
+    Only typed flags count: a default, or a flag a resumed run takes from its checkpoint, is never refused.
+    """
+    for dest, mode in FLAG_MODES.items():
+        if dest in typed and not mode.holds(args):
+            return f'{flag_name(dest)}: has no effect unless {mode.when}; leave it out'
+    return None
+
+
 def check_args(parser, args, arch):
     """Cross-flag checks argparse cannot express; parser.error on the first failure."""
     schedule = args.schedule
@@ -243,8 +310,6 @@ def check_args(parser, args, arch):
         parser.error('--evaluate: needs --resume FILE, the checkpoint to evaluate')
     if not args.resume and args.start_epoch >= args.epochs:
         parser.error(f'--start-epoch: expected an epoch below --epochs ({args.epochs}), got {args.start_epoch}')
-    if args.sweep_T and not args.evaluate:
-        parser.error('--sweep-T: needs -e --resume FILE, the checkpoint to measure')
     if args.sweep_T:
         # One set of T, one file name and a curve drawn left to right, however they were typed (as get_rate.py).
         args.sweep_T = sorted(set(args.sweep_T))
@@ -253,8 +318,6 @@ def check_args(parser, args, arch):
                       args.phantom_tau, args.phantom_form)
     except ValueError as exc:
         parser.error(f'--grad/--solver: {exc}')
-    if args.rewind and not args.resume:
-        parser.error('--rewind: needs --resume FILE, the earlier checkpoint to continue from')
     if args.train_batch < 2 and not args.evaluate and ARCHITECTURES[arch].kind == 'fc':
         # BatchNorm1d normalises each unit over the batch alone: one sample has no variance.
         parser.error(f'--train-batch: {arch} normalises each unit over the training batch, which needs at '
@@ -304,11 +367,15 @@ def parse_args(arch, argv=None, description=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(arch, description)
     args = parser.parse_args(argv)
+    explicit = set(vars(build_parser(arch, description, suppress=True).parse_args(argv)))
+    # A resumed run's mode comes in part from its checkpoint: its typed flags are checked once it is read.
+    refusal = inert_flag(args, explicit if not args.resume else explicit & set(LOCAL_FLAGS))
+    if refusal:
+        parser.error(refusal)
     check_args(parser, args, arch)
     notes = select_gpus(parser, args.gpu_id)
     if args.sync_bn and not torch.cuda.is_available():
         parser.error('--sync-bn: needs CUDA GPUs (SyncBatchNorm runs only there)')
-    explicit = set(vars(build_parser(arch, description, suppress=True).parse_args(argv)))
     return args, explicit, notes
 
 

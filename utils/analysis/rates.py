@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.files import atomic_write_all, checkpoint_stem, figure, png_bytes
+from utils.files import atomic_write_all, checkpoint_stem, figure, make_folder_for, png_bytes
 from utils.analysis.sops import EnergyCosts, SpikeCounter, op_counts, spike_links
 
 CSV_FIELDS = ('time_step', 'neuron', 'leaky', 'vth', 'samples', 'loss', 'acc', 'layer', 'shape', 'neurons', 'rate',
@@ -381,6 +381,7 @@ def sweep_png(runs, title='', costs=EnergyCosts()):
 
 def write_files(paths, payload, runs, png, costs=EnergyCosts()):
     """Write the JSON (payload), CSV (runs) and PNG (bytes) files together: all three or none are replaced."""
+    make_folder_for(paths.values())
     contents = {'json': (json.dumps(payload, indent=2) + '\n').encode('utf-8'),
                 'csv': csv_text(runs, costs).encode('utf-8'), 'png': png}
     atomic_write_all([(paths[key], lambda f, data=data: f.write(data)) for key, data in contents.items()])

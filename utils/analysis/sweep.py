@@ -12,7 +12,6 @@ can take long) to replace existing files unless asked to.
 import csv
 import io
 import json
-import os
 import sys
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 from modules import ARCHITECTURES, build_model, is_leaky
 from utils.analysis.rates import evaluate_rates, file_prefix
 from utils.data.datasets import DataError, get_datasets
-from utils.files import atomic_write, atomic_write_text, figure, make_writable_folder, png_bytes, refuse_existing_files
+from utils.files import atomic_write, atomic_write_text, check_outputs, figure, make_folder_for, png_bytes
 
 CSV_FIELDS = ('time_step', 'samples', 'loss', 'acc')
 SUFFIXES = ('json', 'csv', 'png')
@@ -52,8 +51,7 @@ def check_time_steps(time_steps):
 
 def refuse_existing(out_prefix, overwrite):
     """Raise CheckpointError if a sweep file exists and overwrite is False, or the folder is not writable."""
-    refuse_existing_files(sweep_paths(out_prefix).values(), overwrite)
-    make_writable_folder(os.path.dirname(os.path.abspath(out_prefix)))
+    check_outputs(sweep_paths(out_prefix).values(), overwrite, ' or --out-dir to write elsewhere')
 
 
 def model_at(arch, model_args, state_dict, time_step):
@@ -127,6 +125,7 @@ def plot_png(rows, title):
 def write_files(out_prefix, arch, model_args, rows):
     """Write the JSON, CSV and PNG of a sweep, each atomically; return their paths."""
     paths = sweep_paths(out_prefix)
+    make_folder_for(paths.values())
     neuron = 'LIF' if is_leaky(model_args.get('leaky')) else 'IF'
     payload = {'arch': arch, 'neuron': neuron, 'model_args': model_args, 'rows': rows}
     atomic_write_text(paths['json'], json.dumps(payload, indent=2) + '\n')

@@ -21,6 +21,9 @@ MAX_BAD_STEPS = 5
 # Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.
 DIAGNOSTICS = {'Fwd Res.': 'forward_residual', 'Bwd Res.': 'rel_residual', 'Bwd Iters': 'nstep',
                'Bwd Capped': 'capped', 'Contraction': 'contraction'}
+# The log column counting an epoch's adjoint solves that stopped before their first iteration: they return
+# their starting point, so the spiking layers of those steps got no implicit gradient at all.
+IDLE_SOLVES = 'Bwd Idle'
 
 
 class TooManyFaults(RunError):
@@ -28,23 +31,45 @@ class TooManyFaults(RunError):
 
 
 class FaultGuard:
-    """Counts skipped optimizer steps; MAX_BAD_STEPS in a row end the run."""
+    """Counts skipped optimizer steps; MAX_BAD_STEPS in a row end the run.
 
-    def __init__(self, limit=MAX_BAD_STEPS):
+    hint(part, updated) names the likely cause in the stop message, from what
+    the guard saw: the part of the last bad step that was not finite ('loss',
+    'gradient' or 'solver result') and whether any step was taken before.
+    """
+
+    def __init__(self, limit=MAX_BAD_STEPS, hint=None):
         """Allow up to limit - 1 skipped steps in a row."""
         self.limit = limit
         self.in_a_row = 0
+        self.updated = False
+        self.hint = hint or likely_cause
 
     def good(self):
         """A step was taken."""
         self.in_a_row = 0
+        self.updated = True
 
-    def bad(self, where):
-        """A step was skipped at `where`; raise TooManyFaults at the limit."""
+    def bad(self, where, part='loss'):
+        """A step was skipped at `where` (part: what was not finite); raise TooManyFaults at the limit."""
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             raise TooManyFaults(f'{self.limit} optimizer steps in a row had a non-finite loss, gradient or '
-                                f'solver result (last at {where}); stopped (a lower --lr may help)')
+                                f'solver result (last at {where}); stopped ({self.hint(part, self.updated)})')
+
+
+def likely_cause(part, updated, method='ide', surrogate='', surrogate_alpha=None):
+    """The likely cause of non-finite steps that the run can see, as a phrase for the stop message."""
+    if method == 'bptt' and part == 'gradient':
+        alpha = 'its default' if surrogate_alpha is None else surrogate_alpha
+        return (f'the loss is finite but its gradient is not: the surrogate derivative ({surrogate}, '
+                f'--surrogate-alpha {alpha}) overflows; a smaller --surrogate-alpha may help')
+    if part == 'solver result':
+        return 'the adjoint solve diverged; another --solver or a smaller --threshold may help'
+    if not updated:
+        return (f'the weights had not changed yet, so not --lr: the first steps\' {part} is not finite; '
+                f'check the network and gradient flags')
+    return 'a lower --lr may help'
 
 
 def get_lr(args, epoch, iteration):
@@ -100,14 +125,28 @@ def native_bf16():
     return seconds(torch.bfloat16) < 4 * seconds(torch.float32)
 
 
-def step_is_finite(loss, model):
-    """True when the loss, every gradient and the adjoint solver's residual are finite."""
-    checks = [torch.isfinite(loss.detach()).all()]
-    checks += [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+# What a run says when it drops --amp on such a CPU (the training scripts and tools.bench).
+AMP_EMULATED = ('warning: --amp: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 '
+                'convolutions run tens of times slower than float32; running in float32')
+
+
+def bf16_emulated(device, native=None):
+    """True on a CPU that only emulates bfloat16 (native: the test, native_bf16 by default): --amp is dropped there."""
+    return device.type == 'cpu' and not (native or native_bf16)()
+
+
+def non_finite_part(loss, model):
+    """None when the loss, every gradient and the adjoint solver's residual are finite, else the first that is not:
+    'loss', 'gradient' or 'solver result'."""
+    grads = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    finite = torch.stack([torch.isfinite(loss.detach()).all(), torch.stack(grads).all() if grads else
+                          torch.tensor(True, device=loss.device)]).tolist()  # one read of the device
     stats = getattr(model, 'solver_stats', None)
+    # A diverged solve makes the gradient non-finite too: it is named first, as the cause.
     # No residual: a step without an adjoint solve (the unrolled phantom gradient).
-    solved = stats is None or math.isfinite(float(stats.get('residual', 0.0)))
-    return solved and bool(torch.stack(checks).all())
+    parts = {'loss': finite[0], 'solver result': stats is None or math.isfinite(float(stats.get('residual', 0.0))),
+             'gradient': finite[1]}
+    return next((part for part, ok in parts.items() if not ok), None)
 
 
 def snapshot_buffers(net):
@@ -135,7 +174,7 @@ class EpochMeters:
         self.loss, self.top1, self.top5, self.batch_time = AverageMeter(), AverageMeter(), AverageMeter(), \
             AverageMeter()
         self.diagnostics = {column: AverageMeter() for column in DIAGNOSTICS}
-        self.skipped = 0
+        self.skipped = self.idle = 0
 
     def update(self, outputs, targets, loss, stats):
         """Count one step taken on a batch: its loss, accuracy and solver statistics (a dict or None)."""
@@ -144,6 +183,8 @@ class EpochMeters:
         self.loss.update(loss.item(), n)
         self.top1.update(acc1.item(), n)
         self.top5.update(acc5.item(), n)
+        if stats is not None and stats.get('nstep') == 0:
+            self.idle += 1
         for column, key in DIAGNOSTICS.items():
             value = None if stats is None else stats.get(key)
             if key == 'capped' and stats is not None and 'stop' in stats:
@@ -183,8 +224,9 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
     in a row). A requested stop ends the epoch after the current batch.
     step_log(iteration, stats), if given, receives each step's solver statistics.
     Returns a dict: loss, top1, top5 (over the steps taken, all processes),
-    skipped, iteration (the next one), lr (the last used), diagnostics (the
-    means of DIAGNOSTICS on this process), stopped.
+    skipped, idle (steps whose adjoint solve did no iteration, all processes;
+    warned about), iteration (the next one), lr (the last used), diagnostics
+    (the means of DIAGNOSTICS on this process), stopped.
     """
     model.train()
     net = distributed.unwrap(model)
@@ -200,8 +242,8 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
         buffers = snapshot_buffers(net)
         outputs, loss = train_step(model, net, inputs, targets, criterion, optimizer, device, amp)
         # Every process must take the same decision, or the next collective hangs.
-        bad, stopped = distributed.any_all([not step_is_finite(loss, net), stop is not None and stop.requested],
-                                           ctx, device)
+        part = non_finite_part(loss, net)
+        bad, stopped = distributed.any_all([part is not None, stop is not None and stop.requested], ctx, device)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             restore_buffers(net, buffers)
@@ -209,7 +251,7 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
             if ctx.is_main:
                 warn(f'warning: {title}, batch {i + 1}: non-finite loss, gradient or solver result; '
                      f'optimizer step skipped', bar)
-            faults.bad(f'{title}, batch {i + 1}')
+            faults.bad(f'{title}, batch {i + 1}', part or 'loss')
         else:
             optimizer.step()
             faults.good()
@@ -226,11 +268,15 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
             break
     if bar is not None:
         bar.finish()
-    loss_sum, count, top1_sum, top5_sum, skipped_all = distributed.sum_all(
-        [meters.loss.sum, meters.loss.count, meters.top1.sum, meters.top5.sum, meters.skipped], ctx, device)
+    loss_sum, count, top1_sum, top5_sum, skipped_all, idle_all = distributed.sum_all(
+        [meters.loss.sum, meters.loss.count, meters.top1.sum, meters.top5.sum, meters.skipped, meters.idle],
+        ctx, device)
+    if idle_all and ctx.is_main:
+        warn(f'warning: {title}: the adjoint solve of {int(idle_all)} training step(s) stopped before its first '
+             f'iteration, so their spiking layers got no gradient (counted in the log column {IDLE_SOLVES})')
     mean = (lambda total: total / count) if count else (lambda total: float('nan'))
     return dict(loss=mean(loss_sum), top1=mean(top1_sum), top5=mean(top5_sum), skipped=int(skipped_all),
-                iteration=iteration, lr=lr, diagnostics=meters.means(), stopped=stopped)
+                idle=int(idle_all), iteration=iteration, lr=lr, diagnostics=meters.means(), stopped=stopped)
 
 
 @torch.no_grad()

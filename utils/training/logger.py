@@ -2,7 +2,7 @@
 import math
 import os
 
-from utils.files import append_line, atomic_write_text, figure, write_png
+from utils.files import CheckpointError, append_line, atomic_write_text, figure, write_png
 
 # The log's columns: the paper's, then skipped steps (then utils.training.epoch.DIAGNOSTICS, see resume.log_columns).
 PAPER_COLUMNS = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.']
@@ -163,14 +163,48 @@ class StepLog:
     """A CSV file with one row of solver statistics per training step, appended to (never truncated)."""
 
     FIELDS = ('epoch', 'iteration', 'nstep', 'stop', 'rel_residual', 'forward_residual', 'contraction', 'syncs')
+    HEADER = ','.join(FIELDS)
 
-    def __init__(self, path):
-        """Open path for appending (writing the header if it is new); OSError if it cannot be written."""
+    def __init__(self, path, resumed_at=None):
+        """Open path for appending (writing the header if it is new); OSError if it cannot be written.
+
+        A file that is there must be such a CSV (CheckpointError otherwise: a
+        log, a checkpoint, another program's file). A new run (resumed_at None)
+        needs it without rows: rows are another run's. A run resumed at global
+        iteration resumed_at continues its own file: the rows from that
+        iteration on, of an epoch interrupted before its checkpoint, are
+        removed (`removed` counts them), since the resumed run trains those steps again.
+        """
         self.path = os.fspath(path)
+        self.removed = 0
+        rows = self._rows()
+        if rows and resumed_at is None:
+            raise CheckpointError(f'--solver-log: {self.path} holds the rows of another run; give this run a file '
+                                  f'of its own')
+        kept = [row for row in rows if _iteration(row) is not None and _iteration(row) < resumed_at] if rows else []
+        if len(kept) < len(rows):
+            atomic_write_text(self.path, ''.join(line + '\n' for line in [self.HEADER, *kept]))
+            self.removed = len(rows) - len(kept)
         self.file = open(self.path, 'a', encoding='utf-8')
         if self.file.tell() == 0:
-            self.file.write(','.join(self.FIELDS) + '\n')
+            self.file.write(self.HEADER + '\n')
         self.epoch = 0
+
+    def _rows(self):
+        """The data lines of the file at path ([] when it is missing or empty); CheckpointError if it is not a
+        solver-log CSV."""
+        try:
+            with open(self.path, 'rb') as f:
+                head = f.read(len(self.HEADER) + 1)
+                rest = f.read() if head == (self.HEADER + '\n').encode() else None
+        except FileNotFoundError:
+            return []
+        if not head:
+            return []
+        if rest is None:
+            raise CheckpointError(f'--solver-log: {self.path} is not a solver-log CSV (its first line is not '
+                                  f'{self.HEADER}); choose a new file')
+        return rest.decode('utf-8', errors='replace').splitlines()
 
     def __call__(self, iteration, stats):
         """Append the row of one step (stats: the model's solver_stats, or None for a step without a solve)."""
@@ -187,3 +221,9 @@ class StepLog:
         """Flush and close the file."""
         self.flush()
         self.file.close()
+
+
+def _iteration(line):
+    """The iteration of a solver-log row, or None for a line cut short by a crash."""
+    fields = line.split(',')
+    return int(fields[1]) if len(fields) == len(StepLog.FIELDS) and fields[1].isdigit() else None

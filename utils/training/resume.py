@@ -57,7 +57,11 @@ class FolderLock:
         make_writable_folder(folder)
         self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
         while True:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:  # a folder, or a file this user may not open, in the lock's place
+                raise RunError(f'cannot take the lock {self.path}: {exc.strerror or exc}; it must be a file this '
+                               f'user can write (remove it if no run is using the folder)') from None
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -103,6 +107,11 @@ def remove_stale_temporaries(folder, say):
             pass
     if stale:
         say(f'Removed {len(stale)} temporary file(s) left in {folder} by an interrupted save')
+
+
+def run_files(folder):
+    """The paths of the files a run keeps in its folder."""
+    return [os.path.join(folder, name) for name in (LOG_NAME, CHECKPOINT_NAME, BEST_NAME, PLOT_NAME, LOCK_NAME)]
 
 
 def same_file(a, b):

@@ -26,12 +26,13 @@ from utils.signals import Interrupted, StopRequest
 from utils.analysis import sweep
 from utils.training import distributed
 from utils.training.resume import (FolderLock, check_folder, check_resumable, is_foreign, log_columns, open_log,
-                              remove_stale_temporaries, restore_foreign, restore_training, save_state, saved_log,
-                              seed_everything, set_aside_abandoned, training_state, PLOT_NAME)
+                              remove_stale_temporaries, restore_foreign, restore_training, run_files, same_file,
+                              save_state, saved_log, seed_everything, set_aside_abandoned, training_state, PLOT_NAME)
 from utils.training.console import error, warn
 from utils.data.datasets import DataError, build_loaders, get_datasets
-from utils.training.epoch import (DIAGNOSTICS, FaultGuard, RunError, TooManyFaults, evaluate, get_lr, make_optimizer,
-                          native_bf16, train_epoch)
+from utils.training.epoch import (AMP_EMULATED, DIAGNOSTICS, IDLE_SOLVES, FaultGuard, RunError, TooManyFaults,
+                                  bf16_emulated, evaluate, get_lr, likely_cause, make_optimizer, native_bf16,
+                                  train_epoch)
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError
 from utils.training.logger import StepLog
@@ -59,6 +60,7 @@ class Run:
     columns: list = None
     last_checkpoint: str = None  # what to resume from after a stop
     status: object = None        # the run's status file (utils.training.status), on rank 0
+    step_log: StepLog = None     # --solver-log, on rank 0
 
 
 def main(arch, args, explicit, ctx, state):
@@ -74,13 +76,17 @@ def main(arch, args, explicit, ctx, state):
         adopt_checkpoint_flags(arch, args, explicit, ckpt, say)
         if not args.evaluate:
             check_resumable(ckpt, args.resume)
+    sweep_prefix = None
+    if args.sweep_T:  # where the sweep writes, checked before any work
+        sweep_prefix = sweep.sweep_prefix(args.resume, args.sweep_T, args.out_dir)
+        sweep.refuse_existing(sweep_prefix, args.overwrite)
     state.device = device = start_up(args, ctx, say)
     with contextlib.ExitStack() as stack:
-        # 2. The folder: owned by this run for its lifetime, never another run's.
+        # 2. The folder and the solver log: owned by this run for its lifetime, never another run's.
         if not args.evaluate:
             state.folder = run_folder(args, explicit)
-            state.columns = log_columns(DIAGNOSTICS)
-            distributed.first_then_all(lambda: claim_folder(stack, state.folder, args, ckpt, state.columns, say),
+            state.columns = log_columns([*DIAGNOSTICS, IDLE_SOLVES])
+            distributed.first_then_all(lambda: claim_run_files(stack, state, ckpt),
                                        ctx, device, (RunError, CheckpointError),
                                        RunError('rank 0 could not set up the checkpoint folder'))
         # 3. Data, model, loss.
@@ -93,7 +99,7 @@ def main(arch, args, explicit, ctx, state):
         model = build(arch, state.model_args, ckpt, say).to(device)
         state.criterion = nn.CrossEntropyLoss().to(device)
         if args.evaluate:
-            return evaluate_only(state, model)
+            return evaluate_only(state, model, sweep_prefix)
         # 4. Optimizer, and where training stands.
         state.model = distributed.wrap(model, ctx, device, sync_bn=args.sync_bn)
         state.optimizer = make_optimizer(args, state.model.parameters())
@@ -105,22 +111,20 @@ def main(arch, args, explicit, ctx, state):
         if ctx.is_main:
             remove_stale_temporaries(state.folder, say)
         # 5. The epochs.
-        step_log = open_step_log(stack, args.solver_log) if ctx.is_main and args.solver_log else None
         with StopRequest() as stop, recorded(state.folder, args.epochs, start_epoch, best_acc,
                                              ctx.is_main) as state.status:
             return train_epochs(state, stop, start_epoch, iteration, best_acc,
-                                saved_log(ckpt, len(state.columns)), step_log)
+                                saved_log(ckpt, len(state.columns)), state.step_log)
 
 
-def evaluate_only(state, model):
-    """-e: the test loss and accuracy; with --sweep-T the accuracy at each T instead, in files beside the
-    checkpoint (utils.analysis.sweep)."""
+def evaluate_only(state, model, prefix):
+    """-e: the test loss and accuracy; with --sweep-T the accuracy at each T instead, in files at prefix (beside
+    the checkpoint or in --out-dir; utils.analysis.sweep)."""
     args, say = state.args, state.say
-    if args.sweep_T:
+    if prefix is not None:
         if state.ctx.enabled:
             raise RunError('--sweep-T runs in one process: start it without torchrun')
         loaders = sweep.LoadersByT(state.arch, args.dataset, args.path, args.test_batch, args.workers, state.device)
-        prefix = sweep.sweep_prefix(args.resume, args.sweep_T)
         rows = sweep.sweep_accuracy(state.arch, state.model_args, model.state_dict(), loaders, args.sweep_T,
                                     state.device, prefix, amp=args.amp, overwrite=args.overwrite)
         say(f'Test accuracy as a function of T ({flags.neuron_line(args.leaky)})\n{sweep.format_rows(rows)}')
@@ -137,6 +141,10 @@ def adopt_checkpoint_flags(arch, args, explicit, ckpt, say):
     if saved_arch is not None and saved_arch != arch:
         raise CheckpointError(f'{args.resume} holds a {saved_arch} network, {NETS[arch].script} builds {arch}')
     taken, overridden = flags.adopt_saved_flags(args, explicit, ckpt.get('args'))
+    # Typed flags against the mode the checkpoint brings (the flags taken from it are never refused).
+    refusal = flags.inert_flag(args, explicit)
+    if refusal:
+        raise RunError(refusal)
     if taken:
         say(f'From the checkpoint: {flags.flag_changes(taken)}')
     if overridden:
@@ -151,10 +159,9 @@ def start_up(args, ctx, say):
         args.manualSeed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31), ctx)
     seed_everything(args.manualSeed + ctx.rank)
     device = distributed.device_for(ctx)
-    if args.amp and device.type == 'cpu' and not native_bf16():
+    if args.amp and bf16_emulated(device, native_bf16):
         if ctx.is_main:
-            warn('warning: --amp: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 '
-                 'convolutions run tens of times slower than float32; running in float32')
+            warn(AMP_EMULATED)
         args.amp = False
     precision.allow_tf32(args.tf32)
     say(flags.neuron_line(args.leaky))
@@ -180,6 +187,14 @@ def run_folder(args, explicit):
     if args.resume and 'checkpoint' not in explicit:
         return os.path.dirname(os.path.abspath(args.resume))
     return args.checkpoint
+
+
+def claim_run_files(stack, state, ckpt):
+    """Claim the run's folder, and its --solver-log (state.step_log), for the run's lifetime."""
+    args = state.args
+    claim_folder(stack, state.folder, args, ckpt, state.columns, state.say)
+    if args.solver_log:
+        state.step_log = open_step_log(stack, args.solver_log, state.folder, ckpt, args.resume, state.say)
 
 
 def claim_folder(stack, folder, args, ckpt, columns, say):
@@ -247,20 +262,33 @@ def resume_position(state, ckpt, batches):
     return position
 
 
-def open_step_log(stack, path):
-    """The --solver-log CSV, closed when the run ends."""
+def open_step_log(stack, path, folder, ckpt, resume, say):
+    """The --solver-log CSV, closed when the run ends; refused if it is a file of the run or another's.
+
+    A resumed run continues the file its checkpoint wrote in the same folder,
+    without the rows of an epoch that was interrupted before its checkpoint.
+    """
+    if any(same_file(path, own) or os.path.abspath(path) == os.path.abspath(own) for own in run_files(folder)):
+        raise RunError(f'--solver-log: {path} is a file of the run itself; choose another file')
+    saved = (ckpt.get('args') or {}).get('solver_log') if ckpt is not None else None
+    continues = (ckpt is not None and not is_foreign(ckpt) and saved is not None and same_file(path, saved)
+                 and same_file(folder, os.path.dirname(os.path.abspath(resume))))
     try:
-        step_log = StepLog(path)
+        step_log = StepLog(path, resumed_at=ckpt['iteration'] if continues else None)
     except OSError as exc:
         raise RunError(f'--solver-log: cannot write {path}: {exc.strerror or exc}') from exc
     stack.callback(step_log.close)
+    if step_log.removed:
+        say(f'Removed from {path} the {step_log.removed} row(s) of the interrupted epoch')
     return step_log
 
 
 def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_log=None):
     """Train, evaluate, checkpoint and log each remaining epoch; history holds the earlier epochs' log rows."""
     args, ctx, say = state.args, state.ctx, state.say
-    faults, logger, test_top1 = FaultGuard(), None, None
+    hint = functools.partial(likely_cause, method=args.method, surrogate=args.surrogate,
+                             surrogate_alpha=args.surrogate_alpha)
+    faults, logger, test_top1 = FaultGuard(hint=hint), None, None
     for epoch in range(start_epoch, args.epochs):
         if distributed.any_all([stop.requested], ctx, state.device)[0]:
             raise Interrupted(stop.signum or signal.SIGTERM)
@@ -303,7 +331,7 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_lo
 def log_row(stats, test_loss, test_top1):
     """One epoch's log row, in the order of utils.training.resume.log_columns."""
     row = [stats['lr'], stats['loss'], test_loss, stats['top1'], test_top1, stats['skipped']]
-    return [float(v) for v in row + [stats['diagnostics'][column] for column in DIAGNOSTICS]]
+    return [float(v) for v in row + [stats['diagnostics'][column] for column in DIAGNOSTICS] + [stats['idle']]]
 
 
 def set_data_epoch(loader, sampler, seed, epoch):

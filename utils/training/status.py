@@ -86,7 +86,10 @@ def recorded(folder, epochs, epoch, best_acc, enabled=True):
         if status is not None:
             # A stop by signal (the run's Interrupted carries its signum) can be resumed; anything else failed.
             stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, 'signum', None) is not None
-            status.end('stopped' if stopped else 'failed')
+            # The error that ends the run is what the user must see: a status that cannot be written (a full
+            # disk) must not replace it. A reader tells a dead 'running' run by its PID.
+            with contextlib.suppress(Exception):
+                status.end('stopped' if stopped else 'failed')
         raise
     if status is not None:
         status.end('finished')
