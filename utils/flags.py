@@ -16,7 +16,7 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 # The gradient's options besides the paper's solver settings (build_model's defaults).
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
-                         solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
+                         jac_norm_every=0, jac_reg=0.0, jac_reg_freq=1.0, solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
                     gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
@@ -67,6 +67,7 @@ ANY_FLOAT = _number(float, 'a number', math.isfinite)
 
 
 DAMPING = _number(float, 'a number in (0, 1]', _finite(lambda v: 0 < v <= 1))
+FRACTION = DAMPING  # the same interval (0, 1], for a fraction of the steps
 
 
 def _or_none(kind):
@@ -147,6 +148,14 @@ def _gradient_flags(parser, default, net):
                        default=default('forward_residual'),
                        help='measure |f(a) - a| / |a| of the simulated rate at every training step (one more '
                             'application of f without autograd)')
+    group.add_argument('--jac-norm-every', type=NON_NEGATIVE_INT, default=default('jac_norm_every'), metavar='N',
+                       help='every N training steps measure the feedback operator\'s spectral norm over Vth and '
+                            '||df/da||_2 where the backward linearises f, by power iteration (0: never)')
+    group.add_argument('--jac-reg', type=NON_NEGATIVE, default=default('jac_reg'), metavar='GAMMA',
+                       help='add GAMMA ||df/da||_F^2 / d to the loss where the backward linearises f (Bai et al. '
+                            '2021; Hutchinson estimate, one random vector a step; 0: off)')
+    group.add_argument('--jac-reg-freq', type=FRACTION, default=default('jac_reg_freq'), metavar='P',
+                       help='apply --jac-reg on a random fraction P in (0, 1] of the training steps')
     group.add_argument('--solver-log', metavar='FILE', default=default('solver_log'),
                        help='append every training step\'s solver statistics to this CSV file')
     group.add_argument('--method', default=default('method'), choices=METHODS,
@@ -239,6 +248,11 @@ def check_args(parser, args, arch):
                       args.phantom_tau)
     except ValueError as exc:
         parser.error(f'--grad/--solver: {exc}')
+    if args.method == 'bptt':
+        for flag, value in (('--jac-norm-every', args.jac_norm_every), ('--jac-reg', args.jac_reg)):
+            if value:
+                parser.error(f'{flag}: applies where the implicit backward linearises f; --method bptt has no '
+                             f'such point (use --method ide)')
     if args.rewind and not args.resume:
         parser.error('--rewind: needs --resume FILE, the earlier checkpoint to continue from')
     if args.train_batch < 2 and not args.evaluate and ARCHITECTURES[arch].kind == 'fc':
