@@ -11,6 +11,7 @@ import torch
 from modules.jacobian import hutchinson_frobenius, jacobian_norm, operator_norm
 from tests.test_faults import TINY, data_root, log_rows, run_main  # noqa: F401
 from utils import flags
+from utils.training.epoch import train_step
 
 ARCHS = ["fc", "conv", "multi"]
 
@@ -187,3 +188,29 @@ def test_norms_and_penalty_reach_the_log(data_root, tmp_path, single_thread):
     assert 0 < row['Fb Norm'] <= 0.5 + 1e-4  # |g| ≤ 1 and a fully connected W: ‖W‖₂ = |g| over Vth = 2
     assert 0 < row['Jac Norm'] <= row['Fb Norm'] + 1e-4  # single layer, no dropout: J = D W / Vth, D 0/1
     assert row['Jac Reg'] > 0
+
+
+class Penalised(torch.nn.Module):
+    """A linear classifier whose forward leaves a penalty ‖w‖² behind, as SNNClassifier leaves its regulariser."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        self.jacobian_penalty = None
+
+    def forward(self, x):
+        self.jacobian_penalty = self.fc.weight.pow(2).sum()
+        return self.fc(x)
+
+
+def test_train_step_adds_the_penalty_to_the_gradient_not_to_the_loss():
+    """The step's gradient is that of loss + penalty; the loss it reports (and logs) is the criterion's."""
+    torch.manual_seed(0)
+    model, x, y = Penalised(), torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, loss = train_step(model, model, x, y, criterion, optimizer, torch.device('cpu'), False)
+    expected_loss = criterion(model.fc(x), y)
+    (expected,) = torch.autograd.grad(expected_loss + model.fc.weight.pow(2).sum(), model.fc.weight)
+    assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()))
+    torch.testing.assert_close(model.fc.weight.grad, expected)
