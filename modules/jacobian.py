@@ -47,7 +47,7 @@ def spectral_norm(forward, adjoint, in_shape, out_shape, tol=1e-5, like=None):
     alone: it reaches a relative accuracy `tol` in a few tens of products
     where power iteration needs hundreds when the top singular values are
     close (as they are for a conv or a normalised random matrix). Operators
-    with at most 20 inputs or outputs are formed densely, column by column.
+    with at most LANCZOS_VECTORS inputs or outputs are formed densely.
     The start vector comes from a fixed seed: nothing is drawn from the global
     random streams, and a measurement repeats exactly. `like`: a tensor whose
     dtype and device the products take.
@@ -62,12 +62,13 @@ def spectral_norm(forward, adjoint, in_shape, out_shape, tol=1e-5, like=None):
         return apply
 
     matvec, rmatvec = product(forward, in_shape), product(adjoint, out_shape)
-    if min(n_in, n_out) <= LANCZOS_VECTORS:
-        dense = np.stack([matvec(column) for column in np.eye(n_in)], axis=1)
-        return float(np.linalg.norm(dense, 2))
-    start = np.random.default_rng(0).standard_normal(min(n_in, n_out))
-    if n_in <= n_out and not np.any(rmatvec(matvec(start))) or n_in > n_out and not np.any(matvec(rmatvec(start))):
-        return 0.0  # A = 0 on the start vector's Krylov space: a silent Jacobian, where Lanczos would break down
+    # ‖A‖₂ = ‖Aᵀ‖₂: work on the side with fewer entries, as ARPACK does.
+    apply, size = (matvec, n_in) if n_in <= n_out else (rmatvec, n_out)
+    if size <= LANCZOS_VECTORS:
+        return float(np.linalg.norm(np.stack([apply(column) for column in np.eye(size)], axis=1), 2))
+    start = np.random.default_rng(0).standard_normal(size)
+    if not np.any(apply(start)):
+        return 0.0  # A x = 0 for a random x: A = 0 (a silent Jacobian), where Lanczos would break down
     operator = LinearOperator((n_out, n_in), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
     (sigma,) = svds(operator, k=1, ncv=LANCZOS_VECTORS, tol=tol, v0=start, return_singular_vectors=False)
     return float(sigma)
@@ -80,7 +81,7 @@ def jacobian_norm(output, point, tol=1e-5):
 
 
 def operator_norm(linear_map, shape, tol=1e-5, dtype=torch.float32, device=None):
-    """‖A‖₂ of a linear map A (an fc, conv or transposed conv module, or any linear function) on inputs of `shape`.
+    """‖A‖₂ of a linear map A (an fc, conv or transposed conv, any linear function) on inputs of `shape`.
 
     For a linear map J = A at every point, so this is `jacobian_norm` at zero.
     For a conv it is the norm of the convolution operator on that input size,
@@ -92,6 +93,6 @@ def operator_norm(linear_map, shape, tol=1e-5, dtype=torch.float32, device=None)
 
 
 def hutchinson_frobenius(output, point, generator=None):
-    """‖εᵀJ‖² with one ε ~ N(0, I): an unbiased estimate of ‖J‖_F², differentiable w.r.t. what J depends on."""
+    """‖εᵀJ‖² with one ε ~ N(0, I): an unbiased estimate of ‖J‖_F², differentiable in J's parameters."""
     epsilon = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
     return vjp(output, point, epsilon, create_graph=True).pow(2).sum()

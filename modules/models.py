@@ -138,7 +138,7 @@ class SNNClassifier(nn.Module):
         return self.snn.jacobian_penalty
 
     def request_norms(self):
-        """Measure ‖W_fb‖₂/Vth and ‖J‖₂ in the next training forward (into solver_stats, see FeedbackSNN)."""
+        """Measure ‖W_fb‖₂/Vth and ‖J‖₂ in the next training forward (see FeedbackSNN)."""
         self.snn.measure_norms = True
 
     @property

@@ -74,6 +74,14 @@ def test_a_larger_conv_operator_converges(single_thread):
     assert operator_norm(conv, shape, tol=1e-6, dtype=torch.float64) == pytest.approx(exact, rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(40, 3), (3, 40), (60, 50)])
+def test_rectangular_maps(shape):
+    """Wide and tall matrices, formed densely from either side or by Lanczos, have their largest singular value."""
+    A = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(A, 2))
+    assert operator_norm(lambda v: v @ A.T, (1, shape[1]), tol=1e-10, dtype=torch.float64) == pytest.approx(exact)
+
+
 def test_zero_jacobian_has_norm_zero():
     """A silent point (every clamp saturated) has J = 0: the norm is 0, not a Lanczos breakdown."""
     point = torch.full((2, 30), -5.0, dtype=torch.float64, requires_grad=True)

@@ -16,7 +16,8 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 # The gradient's options besides the paper's solver settings (build_model's defaults).
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, forward_residual=True,
-                         jac_norm_every=0, jac_reg=0.0, jac_reg_freq=1.0, solver_log=None, method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
+                         jac_norm_every=0, jac_reg=0.0, jac_reg_freq=1.0, solver_log=None, method='ide',
+                         surrogate='sigmoid', surrogate_alpha=None, detach_reset=False)
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, overwrite=False,
                     gpu_id=None, sync_bn=False, amp=False, tf32=False, deterministic=False, dist_timeout=60.0)
 
