@@ -290,11 +290,13 @@ class FeedbackSNN(nn.Module):
         simulated rate a, from the z = f(a) that training computes anyway (inf
         for a silent state with f(a) ≠ 0; under autocast z carries bf16 rounding).
         When `measure_norms` was set (it is then cleared), to relative accuracy
-        `norm_tol` by Lanczos on the products (modules.jacobian): `feedback_norm` = ‖W_fb‖₂/Vth, the
-        feedback operator's (conv or transposed conv on the state's size)
-        spectral norm over Vth, the feedback's Lipschitz constant in f; and
-        `jacobian_norm` = ‖J‖₂ of J = ∂f/∂a at the point the backward uses, over
-        the whole batch (its samples are coupled by BN's batch statistics).
+        `norm_tol` by Lanczos on the products (modules.jacobian):
+        `feedback_norm` = ‖W_fb‖₂/Vth, the spectral norm of the feedback
+        operator (the fc, conv or transposed conv on the state's size) over
+        Vth, the feedback's Lipschitz constant in f; and `jacobian_norm` = ‖J‖₂
+        of J = ∂f/∂a at the point the backward uses, over the whole batch (its
+        samples are coupled by BN's batch statistics). `jac_frobenius` is added
+        by `_jacobian_penalty` on the steps that apply it.
         """
         diagnostics = {}
         if self.forward_residual:
