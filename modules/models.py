@@ -143,7 +143,7 @@ class SNNClassifier(nn.Module):
 
     @property
     def solver_stats(self):
-        """Info of the last adjoint solve with the forward's diagnostics (see FeedbackSNN._recorder), or None."""
+        """Info of the last adjoint solve with the forward's diagnostics (see FeedbackSNN._diagnostics), or None."""
         return self.snn.solver_stats
 
     def count_neurons(self):
