@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from modules.snn import rate_weights
 from tools.residual_vs_T import forward_residual, markdown_table
 
 STEPS = [20, 40, 80, 160, 320, 640]
@@ -50,3 +51,21 @@ def test_table():
     """One Markdown row per (net, neuron), with the slope."""
     table = markdown_table([("mnist_conv", "IF", [0.1, 0.05], -1.0)], [8, 16])
     assert table.splitlines()[-1] == "| mnist_conv | IF | 0.1000 | 0.0500 | -1.00 |"
+
+
+@pytest.mark.parametrize("leak", [1.0, 0.95])
+def test_rate_identity(tiny_snn, leak):
+    """The network's own step obeys a = Ī/Vth + (Vth s[T−1] − u[T−1]) / (Vth Σ_k λ^k) exactly (rate weights λ^(T−1−t)),
+    the identity behind the 1/T fall for IF and the floor of order 1 − λ for LIF (docs/diagnostics.md)."""
+    snn = tiny_snn("fc", leak=leak)
+    T = 50
+    currents = torch.empty(T, 40, dtype=torch.float64).uniform_(-1.0, 3.0, generator=torch.Generator().manual_seed(0))
+    u, s, spikes = torch.zeros(40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64), []
+    for current in currents:
+        u, s = snn._fire_(u, s, current)
+        spikes.append(s.clone())
+    weights = rate_weights(T, snn.leak, torch.float64)
+    a = weights @ torch.stack(spikes)
+    norm = sum(snn.leak ** k for k in range(T))
+    expected = (weights @ currents) / snn.vth + (snn.vth * s - u) / (snn.vth * norm)
+    torch.testing.assert_close(a, expected, rtol=0, atol=1e-12)
