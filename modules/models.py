@@ -63,7 +63,7 @@ ARCHITECTURES = {
 def build_snn(arch, time_step=30, leak=1.0, vth=2.0, dropout=0.0, solver="broyden", threshold=30, tol=None,
               **gradient_options):
     """The FeedbackSNN of an Architecture; gradient_options: FeedbackSNN's grad, solver_memory, phantom_k,
-    phantom_tau, phantom_form, forward_residual."""
+    phantom_tau, phantom_form, forward_residual, jac_reg, jac_reg_freq."""
     w = arch.widths
     if arch.kind == "fc":
         input_layer = Connection(nn.Linear(math.prod(arch.input_shape), w[0]), bn=True,
@@ -133,8 +133,17 @@ class SNNClassifier(nn.Module):
         return self.snn.all_rates(x)
 
     @property
+    def jacobian_penalty(self):
+        """The Jacobian regulariser of the last training forward, to add to the loss (see FeedbackSNN), or None."""
+        return self.snn.jacobian_penalty
+
+    def request_norms(self):
+        """Measure ‖W_fb‖₂/Vth and ‖J‖₂ in the next training forward (see FeedbackSNN)."""
+        self.snn.measure_norms = True
+
+    @property
     def solver_stats(self):
-        """Info of the last adjoint solve with the forward's diagnostics (see FeedbackSNN._recorder), or None."""
+        """Info of the last adjoint solve with the forward's diagnostics (see FeedbackSNN._diagnostics), or None."""
         return self.snn.solver_stats
 
     def count_neurons(self):
@@ -149,7 +158,7 @@ class SNNClassifier(nn.Module):
 def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout=0.0,
                 solver=None, threshold=30, tol=None, method="ide", surrogate="sigmoid", surrogate_alpha=None,
                 detach_reset=False, bptt_bn="batch", grad="ide", solver_memory=None, phantom_k=5, phantom_tau=0.5,
-                phantom_form="neumann", forward_residual=True):
+                phantom_form="neumann", forward_residual=True, jac_reg=0.0, jac_reg_freq=1.0):
     """One of the paper's nets by name: mnist_conv, fashion_mlp, nmnist_conv, alexnetf, cifarnetf.
 
     `leaky` None, ≥ 1 or ≤ 0 gives IF neurons; 0 < leaky < 1 gives LIF with λ = leaky.
@@ -164,7 +173,9 @@ def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout
     With 'ide', `grad` chooses the exact implicit gradient ('ide', solved by `solver` with
     `solver_memory`), Jacobian-free backpropagation ('jfb') or the phantom gradient ('phantom',
     `phantom_k` steps of size `phantom_tau`, in `phantom_form` 'neumann' or 'unroll');
-    `forward_residual` records ‖f(a) - a‖/‖a‖ in solver_stats (modules.implicit, FeedbackSNN).
+    `forward_residual` records ‖f(a) - a‖/‖a‖ in solver_stats (modules.implicit, FeedbackSNN); `jac_reg` γ > 0
+    adds the Jacobian regulariser γ‖J‖_F²/d on a fraction `jac_reg_freq` of the training steps
+    (FeedbackSNN.jacobian_penalty).
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown network {name!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -173,6 +184,7 @@ def build_model(name, num_classes=10, time_step=30, leaky=None, vth=2.0, dropout
     model = SNNClassifier(ARCHITECTURES[name], num_classes=num_classes, time_step=time_step, leak=leak,
                          vth=vth, dropout=dropout, solver=solver or NETS[name].solver, threshold=threshold,
                          tol=tol, grad=grad, solver_memory=solver_memory, phantom_k=phantom_k,
-                         phantom_tau=phantom_tau, phantom_form=phantom_form, forward_residual=forward_residual)
+                         phantom_tau=phantom_tau, phantom_form=phantom_form, forward_residual=forward_residual,
+                         jac_reg=jac_reg, jac_reg_freq=jac_reg_freq)
     model.snn.bptt = bptt
     return model

@@ -23,8 +23,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .implicit import ImplicitGradient, ValueWithGradientOf, adjoint_solve
+from .jacobian import hutchinson_frobenius, jacobian_norm, operator_norm
 from .layers import Feedback, VariationalDropout, batch_stats, sync_group
-from .precision import forward_precision, full_float32_vjp
+from .precision import forward_precision, full_float32, full_float32_vjp
 
 
 def is_leaky(leak):
@@ -66,11 +67,15 @@ class FeedbackSNN(nn.Module):
     multi-layer nets (`jacobian_at_f`), as in the paper's release: early in
     training a deep loop's last layer can be silent (a = 0), and one step of f
     gives a far more informative linearisation there.
+    `jac_reg` γ > 0 adds the Jacobian regulariser γ‖J‖_F²/d at that point
+    (Bai, Koltun & Kolter, ICML 2021) on a fraction `jac_reg_freq` of the
+    training forwards, as `jacobian_penalty` for the caller to add to its loss.
     """
 
     def __init__(self, input_layer, layers, feedback, time_step=30, vth=2.0, leak=1.0,
                  spike_input=False, solver="broyden", threshold=30, tol=None, grad="ide", solver_memory=None,
-                 phantom_k=5, phantom_tau=0.5, phantom_form="neumann", forward_residual=True):
+                 phantom_k=5, phantom_tau=0.5, phantom_form="neumann", forward_residual=True, jac_reg=0.0,
+                 jac_reg_freq=1.0):
         super().__init__()
         if time_step < 1:
             raise ValueError(f"time_step must be >= 1, got {time_step}")
@@ -88,6 +93,16 @@ class FeedbackSNN(nn.Module):
         self.configure_solver(solver, threshold, tol, grad, solver_memory, phantom_k, phantom_tau, phantom_form)
         self.forward_residual = forward_residual  # record ‖f(a) - a‖/‖a‖ in solver_stats (see _recorder)
         self.jacobian_at_f = len(layers) > 0
+        if jac_reg < 0:
+            raise ValueError(f"jac_reg must be >= 0, got {jac_reg}")
+        if not 0.0 < jac_reg_freq <= 1.0:
+            raise ValueError(f"jac_reg_freq must be in (0, 1], got {jac_reg_freq}")
+        self.jac_reg, self.jac_reg_freq = jac_reg, jac_reg_freq
+        # γ‖J‖_F²/d of the last training forward (autograd graph to the parameters), or None.
+        self.jacobian_penalty = None
+        # Set by the caller: the next training forward measures ‖W_fb‖₂/Vth and ‖J‖₂ (see _diagnostics).
+        self.measure_norms = False
+        self.norm_tol = 1e-3  # relative accuracy of each measured spectral norm
         self.solver_stats = None
         # A modules.bptt.BPTT trains by back-propagation through the simulation instead (None: IDE).
         self.bptt = None
@@ -237,10 +252,9 @@ class FeedbackSNN(nn.Module):
     def differentiable_parts(self, x, rate):
         """(z, point, f_point): f at the state with autograd, and the point where J is taken with f there.
 
-        f_point's vector–Jacobian products in point run in full float32 (no
-        autocast, no TF32): bf16 or TF32 products would leave the adjoint
-        residual far above the level where the solve stops, so it would run
-        every iteration.
+        f_point is computed without autocast: bf16 products would leave the
+        adjoint residual far above the level where the solve stops, so it
+        would run every iteration (the solve also forbids TF32, see forward).
         """
         # The only place where BN running statistics move: once per training step.
         current = self.input_layer(self.average_input(x), update_stats=True)
@@ -252,7 +266,7 @@ class FeedbackSNN(nn.Module):
                 f_point = self.f(point, current.detach().to(rate.dtype))
         else:  # J at the state, in the state's dtype: z's own graph serves
             point, f_point = state, z
-        return z, point, full_float32_vjp(point, f_point)
+        return z, point, f_point
 
     def region(self, name):
         """The context of one part of a training step: 'ide.simulate' (with begin_forward), 'ide.f' (f with
@@ -268,6 +282,7 @@ class FeedbackSNN(nn.Module):
         rate: the state rate of this forward's simulation, when the caller has
         run it already (begin_forward, then simulate under forward_precision).
         """
+        self.jacobian_penalty = None
         if self.bptt is not None and self.training and torch.is_grad_enabled():
             return self.bptt(self, x)
         if rate is None:
@@ -283,8 +298,11 @@ class FeedbackSNN(nn.Module):
                 return self._unrolled_phantom(x, rate)
         with self.region("ide.f"), forward_precision():
             z, point, f_point = self.differentiable_parts(x, rate)
-        return ImplicitGradient.apply(z, rate, f_point, point, self._solve, self.adjoint.starts_from_v,
-                                      self._recorder(rate, z))
+            diagnostics = self._diagnostics(rate, z, point, f_point)
+            self.jacobian_penalty = self._jacobian_penalty(point, f_point, diagnostics)
+        # The adjoint solve's vector–Jacobian products in f_point's graph run in full float32 (no TF32).
+        return ImplicitGradient.apply(z, rate, full_float32_vjp(point, f_point), point, self._solve,
+                                      self.adjoint.starts_from_v, self._recorder(diagnostics))
 
     def _unrolled_phantom(self, x, rate):
         """The unrolled phantom gradient: value a, gradient of z_K, K damped steps z ← (1 - τ) z + τ f(z) from a.
@@ -293,14 +311,18 @@ class FeedbackSNN(nn.Module):
         autograd differentiates the K steps, each at its own iterate.
         """
         current = self.input_layer(self.average_input(x), update_stats=True)
-        z, tau = rate.detach(), self.phantom_tau
+        # A leaf with a graph, so that the diagnostics and the regulariser can take J at z_0 = a.
+        start, tau = rate.detach().requires_grad_(), self.phantom_tau
+        z = start
         for k in range(self.phantom_k):
             # The first application of f is the only place where BN running statistics move.
             f_z = self.f(z, current, update_stats=k == 0)
             if k == 0:
                 f_rate = f_z
             z = (1 - tau) * z + tau * f_z
-        self._recorder(rate, f_rate)({"nstep": self.phantom_k, "nfev": self.phantom_k, "stop": "cap"})
+        diagnostics = self._diagnostics(rate, f_rate, start, f_rate)
+        self.jacobian_penalty = self._jacobian_penalty(start, f_rate, diagnostics)
+        self._recorder(diagnostics)({"nstep": self.phantom_k, "nfev": self.phantom_k, "stop": "cap"})
         return ValueWithGradientOf.apply(rate, z)
 
     def _solve(self, func, y0, f0=None):
@@ -310,30 +332,58 @@ class FeedbackSNN(nn.Module):
         with self.region("ide.solve"):
             return self.adjoint(adjoint_map, y0, f0=f0)
 
-    def _recorder(self, rate, z):
-        """The function that stores the backward's solver info, with this forward's diagnostics, in solver_stats.
+    def _diagnostics(self, rate, z, point, f_point):
+        """This forward's diagnostics of the equilibrium, as tensors on the device (read with the solver's info).
 
-        Diagnostics, computed now on the device and read with the solver's info:
-        `contraction` = u·(W v)/Vth with the power-iteration vectors u, v after
-        this forward's step: the bound on the feedback's Lipschitz constant in
-        f that the spectral normalisation W = g·V/σ(V) aims at (it equals the
-        clamped |g|/Vth; for a conv feedback σ is that of the reshaped kernel,
-        not of the convolution operator); `forward_residual` (when
-        self.forward_residual) = ‖f(a) - a‖/‖a‖ of the simulated rate a, from
-        the z = f(a) that training computes anyway (inf for a silent state
-        with f(a) ≠ 0; under autocast z carries bf16 rounding).
+        `forward_residual` (when self.forward_residual) = ‖f(a) - a‖/‖a‖ of the
+        simulated rate a, from the z = f(a) that training computes anyway (inf
+        for a silent state with f(a) ≠ 0; under autocast z carries bf16 rounding).
+        When `measure_norms` was set (it is then cleared), to relative accuracy
+        `norm_tol` by Lanczos on the products (modules.jacobian):
+        `feedback_norm` = ‖W_fb‖₂/Vth, the spectral norm of the feedback
+        operator (the fc, conv or transposed conv on the state's size) over
+        Vth, the feedback's Lipschitz constant in f; and `jacobian_norm` = ‖J‖₂
+        of J = ∂f/∂a at the point the backward uses, over the whole batch (its
+        samples are coupled by BN's batch statistics). `jac_frobenius` is added
+        by `_jacobian_penalty` on the steps that apply it.
         """
-        spectral = self.feedback.spectral
-        with torch.no_grad(), torch.autocast(rate.device.type, enabled=False):
-            W = self.feedback.linear.weight.flatten(1).to(spectral.u.dtype)
-            diagnostics = {"contraction": torch.dot(spectral.u, W @ spectral.v).abs() / self.vth}
+        diagnostics = {}
         if self.forward_residual:
             a = rate.detach()
             ratio = (z.detach().to(a.dtype) - a).norm() / a.norm()
             diagnostics["forward_residual"] = ratio.nan_to_num(nan=0.0, posinf=math.inf)  # 0/0: a = f(a) = 0
+        if self.measure_norms:
+            self.measure_norms = False
+            weight = self.feedback.linear.weight
+            with torch.autocast(rate.device.type, enabled=False), parametrize.cached():
+                norm = operator_norm(self.feedback.linear_part, (1, *rate.shape[1:]), self.norm_tol,
+                                     weight.dtype, weight.device)
+            with full_float32():
+                jacobian = jacobian_norm(f_point, point, self.norm_tol)
+            diagnostics["feedback_norm"] = torch.tensor(norm / self.vth, dtype=torch.float64, device=rate.device)
+            diagnostics["jacobian_norm"] = torch.tensor(jacobian, dtype=torch.float64, device=rate.device)
+        return diagnostics
+
+    def _jacobian_penalty(self, point, f_point, diagnostics):
+        """γ‖J‖_F²/d at the backward's point, with autograd (or None: off, or not drawn this step).
+
+        Bai, Koltun & Kolter (ICML 2021): Hutchinson's estimate with one
+        Gaussian vector, d the number of entries of the batch's state (as their
+        code divides). Drawn on a fraction jac_reg_freq of the forwards; both
+        draws use the global random stream, and only when γ > 0.
+        """
+        if self.jac_reg == 0 or (self.jac_reg_freq < 1 and float(torch.rand(())) >= self.jac_reg_freq):
+            return None
+        frobenius = hutchinson_frobenius(f_point, point) / f_point.numel()
+        diagnostics["jac_frobenius"] = frobenius.detach()
+        return self.jac_reg * frobenius
+
+    def _recorder(self, diagnostics):
+        """The function that stores the backward's solver info, with this forward's diagnostics, in solver_stats."""
 
         def record(info):
-            values = torch.stack([value.to(torch.float64) for value in diagnostics.values()]).tolist()
+            values = [value.to(torch.float64) for value in diagnostics.values()]
+            values = torch.stack(values).tolist() if values else []
             self.solver_stats = {**info, "grad": self.grad, **dict(zip(diagnostics, values))}
         return record
 

@@ -22,8 +22,8 @@ LOCAL_FLAGS = ('checkpoint', 'resume', 'rewind', 'evaluate', 'gpu_id', 'sync_bn'
 # Defaults of the flags that are not the paper's settings (those come from modules.settings).
 # The gradient's options besides the paper's solver settings (build_model's defaults).
 GRADIENT_DEFAULTS = dict(solver_memory=None, grad='ide', phantom_k=5, phantom_tau=0.5, phantom_form='neumann',
-                         forward_residual=True, solver_log=None, method='ide', surrogate='sigmoid',
-                         surrogate_alpha=None, detach_reset=False, bptt_bn='batch')
+                         forward_residual=True, jac_norm_every=0, jac_reg=0.0, jac_reg_freq=1.0, solver_log=None,
+                         method='ide', surrogate='sigmoid', surrogate_alpha=None, detach_reset=False, bptt_bn='batch')
 # Flags added after checkpoints were written, with the value that reproduces what such an older run did.
 SAVED_BEFORE_FLAG = dict(bptt_bn='running')
 RUN_DEFAULTS = dict(resume='', rewind=False, manualSeed=None, evaluate=False, sweep_T=None, out_dir=None,
@@ -88,6 +88,7 @@ ANY_FLOAT = _number(float, 'a number', _finite(lambda v: True))
 
 
 DAMPING = _number(float, 'a number in (0, 1]', _finite(lambda v: 0 < v <= 1))
+FRACTION = DAMPING  # the same interval (0, 1], for a fraction of the steps
 
 
 def _or_none(kind):
@@ -173,6 +174,14 @@ def _gradient_flags(parser, default, net):
                        default=default('forward_residual'),
                        help='measure |f(a) - a| / |a| of the simulated rate at every training step (one more '
                             'application of f without autograd)')
+    group.add_argument('--jac-norm-every', type=NON_NEGATIVE_INT, default=default('jac_norm_every'), metavar='N',
+                       help='every N training steps measure the feedback operator\'s spectral norm over Vth and '
+                            '||df/da||_2 where the backward linearises f, by power iteration (0: never)')
+    group.add_argument('--jac-reg', type=NON_NEGATIVE, default=default('jac_reg'), metavar='GAMMA',
+                       help='add GAMMA ||df/da||_F^2 / d to the loss where the backward linearises f (Bai et al. '
+                            '2021; Hutchinson estimate, one random vector a step; 0: off)')
+    group.add_argument('--jac-reg-freq', type=FRACTION, default=default('jac_reg_freq'), metavar='P',
+                       help='apply --jac-reg on a random fraction P in (0, 1] of the training steps')
     group.add_argument('--solver-log', metavar='FILE', default=default('solver_log'),
                        help='append every training step\'s solver statistics to this CSV file')
     group.add_argument('--method', default=default('method'), choices=METHODS,
@@ -273,14 +282,16 @@ SOLVER_MEMORY = Mode('--method ide --grad ide --solver ' + '|'.join(
 EVALUATE = Mode('-e --resume FILE', lambda args: args.evaluate)
 SWEEP = Mode('-e --resume FILE --sweep-T ...', lambda args: args.evaluate and bool(args.sweep_T))
 RESUME = Mode('--resume FILE (training)', lambda args: bool(args.resume) and not args.evaluate)
+JAC_REG = Mode('--method ide --jac-reg γ (γ > 0)', lambda args: args.method == 'ide' and args.jac_reg > 0)
 
 # Every flag that acts only in some mode: typed outside it, it would change nothing (and be saved in the
 # checkpoint as if it had), so it is refused. A new flag of that kind joins with one entry.
 FLAG_MODES = {
     'grad': IDE, 'forward_residual': IDE, 'solver_log': IDE,
     'solver': EXACT, 'threshold': EXACT, 'tol': EXACT, 'solver_memory': SOLVER_MEMORY,
-    'phantom_k': PHANTOM, 'phantom_tau': PHANTOM,
-    'surrogate': BPTT, 'surrogate_alpha': BPTT, 'detach_reset': BPTT,
+    'phantom_k': PHANTOM, 'phantom_tau': PHANTOM, 'phantom_form': PHANTOM,
+    'jac_norm_every': IDE, 'jac_reg': IDE, 'jac_reg_freq': JAC_REG,
+    'surrogate': BPTT, 'surrogate_alpha': BPTT, 'detach_reset': BPTT, 'bptt_bn': BPTT,
     'sweep_T': EVALUATE, 'out_dir': SWEEP, 'overwrite': SWEEP, 'rewind': RESUME,
 }
 

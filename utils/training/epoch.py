@@ -19,8 +19,10 @@ from utils.training.meters import AverageMeter, accuracy
 
 MAX_BAD_STEPS = 5
 # Diagnostics of the equilibrium averaged over an epoch's steps: log column -> key of model.solver_stats.
+# The norms are means over the steps that measured them (--jac-norm-every), Jac Reg over those that applied it.
 DIAGNOSTICS = {'Fwd Res.': 'forward_residual', 'Bwd Res.': 'rel_residual', 'Bwd Iters': 'nstep',
-               'Bwd Capped': 'capped', 'Contraction': 'contraction'}
+               'Bwd Capped': 'capped', 'Fb Norm': 'feedback_norm', 'Jac Norm': 'jacobian_norm',
+               'Jac Reg': 'jac_frobenius'}
 # The log column counting an epoch's adjoint solves that stopped before their first iteration: they return
 # their starting point, so the spiking layers of those steps got no implicit gradient at all.
 IDLE_SOLVES = 'Bwd Idle'
@@ -206,23 +208,30 @@ class EpochMeters:
 
 
 def train_step(model, net, inputs, targets, criterion, optimizer, device, amp):
-    """Forward and backward of one batch; returns (outputs, loss) with the gradients in place."""
+    """Forward and backward of one batch; returns (outputs, loss) with the gradients in place.
+
+    The loss returned is the criterion's; the gradient also holds the network's
+    Jacobian regulariser when it added one this step (net.jacobian_penalty).
+    """
     with autocast(device, amp):
         outputs = model(inputs)
         loss = criterion(outputs, targets)
+    penalty = getattr(net, 'jacobian_penalty', None)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if penalty is None else loss + penalty).backward()
     return outputs, loss
 
 
 def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration, ctx=distributed.Context(),
-                amp=False, stop=None, faults=None, title='Train', step_log=None):
+                amp=False, stop=None, faults=None, title='Train', step_log=None, norm_every=0):
     """Train one epoch from global `iteration`; lr_at(iteration) gives each step's learning rate.
 
     Steps with a non-finite loss, gradient or solver result are skipped, and
     the buffers they moved put back (counted; `faults` raises after too many
     in a row). A requested stop ends the epoch after the current batch.
     step_log(iteration, stats), if given, receives each step's solver statistics.
+    norm_every N > 0 has the network measure its spectral norms on every
+    iteration divisible by N (net.request_norms).
     Returns a dict: loss, top1, top5 (over the steps taken, all processes),
     skipped, idle (steps whose adjoint solve did no iteration, all processes;
     warned about), iteration (the next one), lr (the last used), diagnostics
@@ -240,6 +249,8 @@ def train_epoch(model, loader, criterion, optimizer, device, *, lr_at, iteration
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         # The forward moves BN statistics: a NaN batch would leave them NaN for good.
         buffers = snapshot_buffers(net)
+        if norm_every and iteration % norm_every == 0:
+            net.request_norms()
         outputs, loss = train_step(model, net, inputs, targets, criterion, optimizer, device, amp)
         # Every process must take the same decision, or the next collective hangs.
         part = non_finite_part(loss, net)

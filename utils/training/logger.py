@@ -134,20 +134,25 @@ class Logger:
         plot_curves(self.numbers, self.title, path_png)
 
 
+# Panels drawn only when some column holds a finite value: (key in the column's name, y label, log scale).
+OPTIONAL_PANELS = (('res.', 'relative residual', True), ('norm', 'spectral norm', False))
+
+
 def plot_curves(numbers, title, path_png):
-    """Plot a log's columns ({name: values per epoch}) against epoch: loss, accuracy, residuals (log scale)."""
-    residuals = {name: values for name, values in numbers.items()
-                 if 'res.' in name.lower() and any(v > 0 and math.isfinite(v) for v in values)}
-    fig = figure(figsize=(15 if residuals else 10, 4))
-    axes = fig.subplots(1, 3 if residuals else 2)
-    panels = [(axes[0], 'loss', 'loss'), (axes[1], 'acc', 'accuracy (%)')]
-    if residuals:
-        panels.append((axes[2], 'res.', 'relative residual'))
-        axes[2].set_yscale('log')
-    for ax, key, ylabel in panels:
+    """Plot a log's columns ({name: values per epoch}) against epoch: loss, accuracy, and (when logged)
+    residuals (log scale) and spectral norms."""
+    def measured(name, key):
+        return key in name.lower() and any(math.isfinite(v) and v > 0 for v in numbers[name])
+
+    panels = [('loss', 'loss', False), ('acc', 'accuracy (%)', False)]
+    panels += [panel for panel in OPTIONAL_PANELS if any(measured(name, panel[0]) for name in numbers)]
+    fig = figure(figsize=(5 * len(panels), 4))
+    for ax, (key, ylabel, log) in zip(fig.subplots(1, len(panels)), panels):
         for name, values in numbers.items():
-            if key in name.lower() and (key != 'res.' or name in residuals):
+            if key in name.lower() and (key in ('loss', 'acc') or measured(name, key)):
                 ax.plot(range(1, len(values) + 1), values, label=name)
+        if log:
+            ax.set_yscale('log')
         ax.set_xlabel('epoch')
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -162,7 +167,8 @@ def plot_curves(numbers, title, path_png):
 class StepLog:
     """A CSV file with one row of solver statistics per training step, appended to (never truncated)."""
 
-    FIELDS = ('epoch', 'iteration', 'nstep', 'stop', 'rel_residual', 'forward_residual', 'contraction', 'syncs')
+    FIELDS = ('epoch', 'iteration', 'nstep', 'stop', 'rel_residual', 'forward_residual', 'feedback_norm',
+              'jacobian_norm', 'jac_frobenius', 'syncs')
     HEADER = ','.join(FIELDS)
 
     def __init__(self, path, resumed_at=None):

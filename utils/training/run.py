@@ -225,8 +225,8 @@ def model_args_of(args, num_classes):
                 dropout=args.drop, solver=args.solver, threshold=args.threshold, tol=args.tol,
                 solver_memory=args.solver_memory, grad=args.grad, phantom_k=args.phantom_k,
                 phantom_tau=args.phantom_tau, phantom_form=args.phantom_form, forward_residual=args.forward_residual,
-                method=args.method, surrogate=args.surrogate, surrogate_alpha=args.surrogate_alpha,
-                detach_reset=args.detach_reset, bptt_bn=args.bptt_bn)
+                jac_reg=args.jac_reg, jac_reg_freq=args.jac_reg_freq, method=args.method, surrogate=args.surrogate,
+                surrogate_alpha=args.surrogate_alpha, detach_reset=args.detach_reset, bptt_bn=args.bptt_bn)
 
 
 def build(arch, model_args, ckpt, say):
@@ -299,7 +299,7 @@ def train_epochs(state, stop, start_epoch, iteration, best_acc, history, step_lo
         stats = train_epoch(state.model, state.train_loader, state.criterion, state.optimizer, state.device,
                             lr_at=functools.partial(get_lr, args, epoch), iteration=iteration, ctx=ctx,
                             amp=args.amp, stop=stop, faults=faults, title=f'Epoch {epoch + 1}/{args.epochs}',
-                            step_log=step_log)
+                            step_log=step_log, norm_every=args.jac_norm_every)
         if stats['stopped']:
             raise Interrupted(stop.signum or signal.SIGTERM)
         iteration = stats['iteration']
