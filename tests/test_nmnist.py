@@ -1,7 +1,7 @@
 """N-MNIST data layer: raw reader, MATLAB-exact conversion, text reader, frames, data set, converter CLI.
 
-Expected text outputs are worked out by hand from the algorithm in
-NMNIST.md: x = x0 + 1, y = y0 + 1, saccade shift, round half away from
+Expected text outputs are worked out by hand from the paper's preprocessing (its MATLAB
+conversion): x = x0 + 1, y = y0 + 1, saccade shift, round half away from
 zero, channel (x-1)·34 + y (+1156 for ON), bin ceil(ts / 3000).
 """
 

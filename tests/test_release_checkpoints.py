@@ -1,7 +1,6 @@
 """Checkpoints in the layout of the paper's release load wherever a checkpoint is accepted.
 
-The release saved its nets from GPUs under nn.DataParallel (see
-REFERENCE_CHECKPOINTS.md). `release_checkpoint` rebuilds that layout from one
+The release saved its nets from GPUs under nn.DataParallel. `release_checkpoint` rebuilds that layout from one
 of this project's models: `module.` prefix, the `snn_func.*` and
 `snn_ide_conv|fc.snn_func.*` aliases, the stale `snn_func_copy.*` copies (with
 other values, and a plain `weight`), the feedback weight as
@@ -35,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEEDBACK = 'snn.feedback.linear.parametrizations.weight.'
 FEEDBACK_RELEASE = {'original': 'weight_w', '0.g': 'weight_g', '0.u': 'weight_u', '0.v': 'weight_v'}
 
-# Entry counts and prefix groups as REFERENCE_CHECKPOINTS.md lists them.
+# Entry counts per key prefix, as read from the released files (model_best.pth.tar of each net).
 RELEASE_GROUPS = {
     'mnist_conv': {'network_x': 7, 'network_s': 4, 'snn_func': 11, 'snn_func_copy': 8,
                    'snn_ide_conv.snn_func': 11, 'snn_ide_conv.snn_func_copy': 8, 'classifier': 2},

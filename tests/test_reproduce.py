@@ -1,7 +1,6 @@
 """reproduce.py: the paper's table as data, each row's command line, the scheduler's skip/resume/retry/stop,
 the summary's arithmetic, and its refusals of bad input."""
 import csv
-import io
 import json
 import math
 import os
@@ -16,34 +15,44 @@ import torch
 import fashion_mlp
 import reproduce
 from modules import is_leaky, settings
+from tests.conftest import REPO, run_main
 from utils import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_TABLE = os.path.join(REPO, '..', 'shared', 'PAPER_RESULTS.md')
 ROWS = reproduce.read_rows()
 # Flags a run sets for itself rather than taking the script's default.
 RUN_FLAGS = {'dataset', 'time_step', 'leaky', 'path', 'manualSeed', 'checkpoint', 'resume'}
 TINY = ['-j', '0', '-t', '2', '--threshold', '3', '--train-batch', '256', '--test-batch', '450']
 
 
-def shared_rows():
-    """The CSV block of ../shared/PAPER_RESULTS.md as dicts."""
-    if not os.path.exists(SHARED_TABLE):
-        pytest.skip(f'{SHARED_TABLE} is absent (the paper\'s table lives outside the repository)')
-    with open(SHARED_TABLE, encoding='utf-8') as f:
-        block = re.search(r'```csv\n(.*?)```', f.read(), re.S).group(1)
-    return list(csv.DictReader(io.StringIO(block)))
+# Two rows of the paper's results, typed here from the paper: the data file must keep them.
+PAPER_ROWS = {
+    'mnist-conv-if-t30': ('mnist', 'mnist_conv', 'IF', None, 30, 99.49, 0.04, 99.55, '13K', '229K'),
+    'fashion-mlp-lif-t5': ('fashionmnist', 'fashion_mlp', 'LIF', 0.95, 5, 90.07, 0.10, 90.25, '1.2K', '478K'),
+}
 
 
-def test_paper_numbers_read_back_equal_the_shared_table():
-    expected = shared_rows()
+def csv_rows():
+    """The repository's paper_results.csv read with the csv module, as dicts."""
+    with open(os.path.join(REPO, 'paper_results.csv'), encoding='utf-8', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_paper_numbers_read_back_equal_the_data_file():
+    """read_rows types every field of paper_results.csv right, in the file's order, and the file holds the
+    paper's numbers."""
+    expected = csv_rows()
     assert len(expected) == len(ROWS) == 19
+    assert [want['id'] for want in expected] == list(ROWS)
     for want, row in zip(expected, ROWS.values()):
         assert (row.dataset, row.network, row.neuron, row.time_steps) == \
                (want['dataset'], want['network'], want['neuron'], int(want['time_steps']))
         assert row.leaky == (float(want['leaky']) if want['leaky'] else None)
         assert (row.mean, row.std, row.best) == (float(want['mean']), float(want['std']), float(want['best']))
         assert (row.neurons, row.params) == (want['neurons'], want['params'])
+    for row_id, fields in PAPER_ROWS.items():
+        row = ROWS[row_id]
+        assert (row.dataset, row.network, row.neuron, row.leaky, row.time_steps, row.mean, row.std, row.best,
+                row.neurons, row.params) == fields
 
 
 def test_row_ids_are_unique_and_name_the_row():
@@ -51,12 +60,6 @@ def test_row_ids_are_unique_and_name_the_row():
         net = row.network.replace('_', '-')
         prefix = net if row.dataset in ('mnist', 'fashionmnist', 'nmnist') else f'{row.dataset}-{net}'
         assert row.id == f'{prefix}-{row.neuron.lower()}-t{row.time_steps}'
-
-
-def test_readme_shows_the_table_of_the_data_file():
-    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
-        readme = f.read()
-    assert reproduce.paper_table_markdown(ROWS) in readme
 
 
 @pytest.mark.parametrize('row_id', list(ROWS))
@@ -106,15 +109,15 @@ def test_epoch_line_of_the_training_loop_is_parsed():
 
 # ---------------------------------------------------------------- bad input
 
-def run_main(argv, capsys):
+def outcome(argv, capsys):
     """(exit code, stdout, stderr) of reproduce.main(argv)."""
-    code = reproduce.main(argv)
+    code = run_main('reproduce', argv)
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_unknown_row_lists_close_matches(capsys, tmp_path):
-    code, _, err = run_main(['--rows', 'mnist-conv-if-30', '--out', str(tmp_path / 'o')], capsys)
+    code, _, err = outcome(['--rows', 'mnist-conv-if-30', '--out', str(tmp_path / 'o')], capsys)
     assert code == 2
     assert err.count('\n') == 1 and 'mnist-conv-if-t30' in err and 'unknown row' in err
     assert not (tmp_path / 'o').exists()
@@ -122,7 +125,7 @@ def test_unknown_row_lists_close_matches(capsys, tmp_path):
 
 def test_missing_data_one_line_per_row_before_anything_starts(capsys, tmp_path):
     rows = ['cifar10-alexnetf-if-t30', 'mnist-conv-lif-t30', 'nmnist-conv-if-t30']
-    code, _, err = run_main(['--rows', *rows, '--path', str(tmp_path), '--out', str(tmp_path / 'o')], capsys)
+    code, _, err = outcome(['--rows', *rows, '--path', str(tmp_path), '--out', str(tmp_path / 'o')], capsys)
     assert code == 2
     for row in rows:
         assert sum(line.startswith(f'{row}:') for line in err.splitlines()) == 1
@@ -130,13 +133,13 @@ def test_missing_data_one_line_per_row_before_anything_starts(capsys, tmp_path):
 
 
 def test_digits_only_stands_in_for_mnist_rows(capsys, tmp_path):
-    code, _, err = run_main(['--rows', 'cifar100-cifarnetf-if-t30', '--dataset', 'digits'], capsys)
+    code, _, err = outcome(['--rows', 'cifar100-cifarnetf-if-t30', '--dataset', 'digits'], capsys)
     assert code == 2 and 'cifar100-cifarnetf-if-t30' in err
 
 
 def test_absent_gpu_is_refused(capsys, tmp_path):
     gpu = torch.cuda.device_count() + 3
-    code, _, err = run_main(['--rows', 'mnist-conv-if-t30', '--dataset', 'digits', '--gpus', f'{gpu}',
+    code, _, err = outcome(['--rows', 'mnist-conv-if-t30', '--dataset', 'digits', '--gpus', f'{gpu}',
                              '--out', str(tmp_path / 'o')], capsys)
     assert code == 2 and f'GPU {gpu} does not exist' in err and err.count('\n') == 1
 
@@ -148,11 +151,11 @@ def test_folder_with_a_run_of_other_flags_is_refused(capsys, tmp_path):
     os.makedirs(old.folder)
     reproduce.write_json(os.path.join(old.folder, reproduce.COMMAND_NAME), old.record())
     before = sorted(os.listdir(old.folder))
-    code, _, err = run_main(['--rows', 'fashion-mlp-if-t5', '--dataset', 'digits', '--out', str(out),
+    code, _, err = outcome(['--rows', 'fashion-mlp-if-t5', '--dataset', 'digits', '--out', str(out),
                              '--', '--epochs', '2'], capsys)
     assert code == 2 and 'epochs was 3, now 2' in err and old.folder in err
     assert sorted(os.listdir(old.folder)) == before
-    code, out_text, _ = run_main(['--rows', 'fashion-mlp-if-t5', '--dataset', 'digits', '--out', str(out),
+    code, out_text, _ = outcome(['--rows', 'fashion-mlp-if-t5', '--dataset', 'digits', '--out', str(out),
                                   '--dry-run', '--', '--epochs', '3'], capsys)
     assert code == 0 and '--epochs 3' in out_text
 
@@ -289,7 +292,7 @@ def test_summary_arithmetic(tmp_path, capsys):
     mlp = reproduce.row_summary(ROWS['fashion-mlp-if-t5'], [r for r in results if r.row == 'fashion-mlp-if-t5'])
     assert mlp['std'] is None and mlp['mean'] == 88.5 and mlp['diff'] == pytest.approx(88.5 - 90.04)
 
-    code, text, _ = run_main(['--summarize', str(out)], capsys)
+    code, text, _ = outcome(['--summarize', str(out)], capsys)
     assert code == 0
     line = next(line for line in text.splitlines() if line.startswith('| `mnist-conv-if-t30`'))
     assert '99.30 ± 0.36' in line and '99.49 ± 0.04 (99.55)' in line and '-0.19' in line

@@ -1,84 +1,16 @@
-"""Exact resumption, the learning-rate schedule, signals, numerical faults and failed saves."""
+"""One training epoch (utils/training/epoch.py): the learning-rate schedule, steps with a non-finite loss,
+gradient or solver result skipped and counted, and a stop request honoured after the current batch."""
 import argparse
-import importlib
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tools import fakedata
-from tests.conftest import cpu_bit_exact
-from utils.training import resume as checkpoint
-from utils.files import CheckpointError
-from utils.training.run import FaultGuard, StopRequest, TooManyFaults, get_lr, train_epoch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ['-j', '0', '-t', '2', '--threshold', '3', '--manualSeed', '7']
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    """Fake MNIST and CIFAR-10 in torchvision's layouts."""
-    root = tmp_path_factory.mktemp('data')
-    fakedata.make_mnist(str(root), n_train=48, n_test=16)
-    fakedata.make_cifar(str(root), n_train=8, n_test=4)
-    return str(root)
-
-
-def run_main(script, argv):
-    """Call a script's main(argv) in this process."""
-    return importlib.import_module(script).main(argv)
-
-
-def load(path):
-    """A checkpoint as the scripts load it."""
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_tensors(a, b):
-    """Two nested structures hold bit-identical tensors and equal plain values."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_tensors(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tensors(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
-
-
-# Dropout (all), augmentation in worker processes (CIFAR) and a warm-up that spans the epoch
-# boundary all need the restored state.
-@pytest.mark.parametrize('script, flags', [
-    ('mnist_conv', ['--train-batch', '16', '--test-batch', '16']),
-    ('cifar_alexnetf', ['--train-batch', '4', '--test-batch', '4', '--warmup', '3', '-j', '2']),
-])
-@cpu_bit_exact
-def test_two_epochs_equal_one_plus_resume(script, flags, data_root, tmp_path):
-    common = FAST + flags + ['--path', data_root]
-    run_main(script, common + ['--epochs', '2', '-c', str(tmp_path / 'straight')])
-    run_main(script, common + ['--epochs', '1', '-c', str(tmp_path / 'split')])
-    run_main(script, ['--resume', str(tmp_path / 'split' / 'checkpoint.pth.tar'), '--epochs', '2'])
-    straight = load(tmp_path / 'straight' / 'checkpoint.pth.tar')
-    split = load(tmp_path / 'split' / 'checkpoint.pth.tar')
-    assert_same_tensors(straight['state_dict'], split['state_dict'])
-    assert_same_tensors(straight['optimizer'], split['optimizer'])
-    assert_same_tensors(straight['rng'], split['rng'])
-    for key in ('epoch', 'iteration', 'acc', 'best_acc'):
-        assert straight[key] == split[key]
-    with open(tmp_path / 'straight' / 'log.txt') as a, open(tmp_path / 'split' / 'log.txt') as b:
-        assert a.read() == b.read()
+from utils.training.epoch import FaultGuard, TooManyFaults, get_lr, train_epoch
+from utils.training.run import StopRequest
 
 
 def schedule_args(**kw):
@@ -131,15 +63,6 @@ def toy_epoch(model, faults=None, stop=None):
                        lr_at=lambda it: 0.1, iteration=0, faults=faults, stop=stop)
 
 
-def test_non_finite_steps_are_skipped_and_counted(capsys):
-    model = Toy(poison={2, 5})
-    stats = toy_epoch(model)
-    assert stats['skipped'] == 2 and stats['iteration'] == 8
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert math.isfinite(stats['loss'])
-    assert capsys.readouterr().err.count('optimizer step skipped') == 2
-
-
 def test_solver_failure_skips_the_step():
     model = Toy()
     model.solver_stats = {'residual': math.inf, 'rel_residual': math.inf}
@@ -169,43 +92,3 @@ def test_stop_request_ends_the_epoch_after_the_current_batch():
     model.forward = forward_then_signal
     stats = toy_epoch(model, stop=stop)
     assert stats['stopped'] and stats['iteration'] == 3
-
-
-def test_sigterm_stops_with_a_resumable_checkpoint(data_root, tmp_path):
-    folder = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, 'mnist_conv.py', *FAST, '--path', data_root, '--train-batch', '16',
-                             '--epochs', '1000', '-c', str(folder)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (folder / 'log.txt').exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143
-    path = folder / 'checkpoint.pth.tar'
-    assert err.strip().splitlines()[-1] == f'interrupted; resume with: python mnist_conv.py --resume {path}'
-    ckpt = load(path)
-    with open(folder / 'log.txt') as f:
-        assert len(f.read().splitlines()) == 1 + ckpt['epoch']
-
-
-def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys):
-    folder = tmp_path / 'run'
-    flags = FAST + ['--path', data_root, '--train-batch', '16', '-c', str(folder)]
-    run_main('mnist_conv', flags + ['--epochs', '1'])
-    saved = (folder / 'checkpoint.pth.tar').read_bytes()
-
-    def disk_full(*args, **kwargs):
-        raise CheckpointError(f'cannot write {folder / "checkpoint.pth.tar"}: No space left on device')
-
-    monkeypatch.setattr(checkpoint, 'save_checkpoint', disk_full)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_main('mnist_conv', ['--resume', str(folder / 'checkpoint.pth.tar'), '--epochs', '2'])
-    assert exc.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.endswith('No space left on device')
-    assert (folder / 'checkpoint.pth.tar').read_bytes() == saved
