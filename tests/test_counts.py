@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
+from tests.conftest import REPO
 from modules import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (net, classes, neurons, params) as printed in the paper's table.
 PAPER_TABLE = [
@@ -108,7 +108,7 @@ def test_counts_are_exact_for_the_small_nets(built_counts):
 def test_counts_script_prints_the_table(built_counts):
     """`python -m tools.counts` prints a Markdown table whose rows agree with the built nets."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "tools.counts"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tools.counts"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| mnist_conv | 10 | 13,328 | 229,643 | 13K | 229K |" in result.stdout

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.conftest import REPO
 from modules import build_model
 from modules.layers import batch_stats
 from tests.conftest import load, log_rows, run_main
@@ -32,7 +33,6 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
               # In-process runs on one thread too, like each torchrun process (OMP_NUM_THREADS=1).
               pytest.mark.usefixtures('single_thread')]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = 'fashion_mlp'
 WORLD = 2
 TRAIN_BATCH = 8

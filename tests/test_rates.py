@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import REPO
 import get_rate
 from modules import ARCHITECTURES, NETS, build_model
 from modules.layers import Connection, Feedback
@@ -29,7 +30,6 @@ from utils.analysis.rates import (LayerRate, RateStats, evaluate_rates, format_t
                          output_paths, weighted_total)
 from utils.analysis.sops import network_links, sops_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts run side by side: one thread each, rather than every process claiming every core.
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
 
@@ -318,7 +318,7 @@ def test_bad_flags_are_one_line(capsys, argv, message):
 
 def run_scripts(commands):
     """Run the command lines concurrently; return their CompletedProcess-like (code, out, err)."""
-    procs = [subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable] + cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=ENV)
              for cmd in commands]
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
@@ -426,7 +426,7 @@ def test_a_stop_by_signal_is_one_line_and_writes_nothing(tmp_path, signum):
     write_project_checkpoint(ckpt, 'mnist_conv', time_step=5000, leaky=0.95)  # minutes of simulation
     proc = subprocess.Popen([sys.executable, '-u', 'get_rate.py', '--arch', 'mnist_conv', '--path',
                              str(tmp_path / 'data'), '--resume', str(ckpt), '-j', '0', '--test-batch', '8'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         for line in proc.stdout:
             if line.startswith('==> Model'):  # the evaluation starts now

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.serialization
 
+from tests.conftest import REPO
 import get_rate
 import get_rate_cifar_alexnetf
 import mnist_conv
@@ -29,7 +30,6 @@ from utils.data.datasets import get_datasets
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FEEDBACK = 'snn.feedback.linear.parametrizations.weight.'
 FEEDBACK_RELEASE = {'original': 'weight_w', '0.g': 'weight_g', '0.u': 'weight_u', '0.v': 'weight_v'}
@@ -209,7 +209,7 @@ def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, 
 
     flags = ['--path', str(tmp_path / 'data'), '-t', '2', '--leaky', '0.99', '--test-batch', '4', '-j', '0']
     done = subprocess.run([sys.executable, 'cifar_alexnetf.py', '--evaluate', '--resume', str(path)] + flags,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
     assert done.returncode == 0, done.stderr
     evaluated = re.search(r'Test Loss: (\S+)  Test Acc: (\S+)', done.stdout).groups()
