@@ -11,6 +11,7 @@ from tools.bench import COLUMNS, TrainingStep, build_training, cpu_peak_mb, make
 
 
 
+@pytest.mark.slow
 def test_command_prints_the_table():
     """`python -m tools.bench` on a tiny configuration prints one Markdown table with every column."""
     result = subprocess.run(

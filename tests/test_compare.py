@@ -46,6 +46,7 @@ def test_expectation_lines_name_what_breaks():
     assert lines[2] == "IDE faster than BPTT at T=100: not for alexnetf"
 
 
+@pytest.mark.slow
 def test_compare_command_writes_its_files_and_keeps_them(tmp_path, capsys):
     """A tiny run prints the table, writes the four files, and a second run refuses to replace them."""
     out = tmp_path / "cmp"

@@ -105,6 +105,7 @@ def test_counts_are_exact_for_the_small_nets(built_counts):
         assert built_counts[name, 10] == exact, name
 
 
+@pytest.mark.slow
 def test_counts_script_prints_the_table(built_counts):
     """`python -m tools.counts` prints a Markdown table whose rows agree with the built nets."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -210,6 +210,7 @@ def test_shards_cover_the_test_set_once():
     assert isinstance(ShardSampler(data, num_replicas=3, rank=0), DistributedSampler)
 
 
+@pytest.mark.slow
 def test_processes_end_with_identical_networks(ddp_run):
     """After the training steps every process holds the same weights and buffers, and they moved.
 
@@ -227,6 +228,7 @@ def test_processes_end_with_identical_networks(ddp_run):
         'training changed no weight'
 
 
+@pytest.mark.slow
 def test_processes_split_each_epochs_data(ddp_run, gzipped_data):
     """The two processes see disjoint halves of the training set (so their first batches differ), which
     also shows that they drew the same data order from the same (random, not typed) seed."""
@@ -242,6 +244,7 @@ def test_processes_split_each_epochs_data(ddp_run, gzipped_data):
     assert len(ckpt['rng']) == WORLD
 
 
+@pytest.mark.slow
 def test_only_rank0_writes_and_prints(ddp_run, gzipped_data):
     """The checkpoint folder holds exactly one run's files; the data folder only the unpacked archives, with
     the second process reading them after the first had unpacked them; only rank 0 printed anything."""
@@ -256,6 +259,7 @@ def test_only_rank0_writes_and_prints(ddp_run, gzipped_data):
     assert_only_rank0_spoke(ranks)
 
 
+@pytest.mark.slow
 def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, gzipped_data, capsys):
     """The accuracy rank 0 printed, logged and stored (over 19 + 18 test images) is what a single process
     evaluating the checkpoint gets over all 37."""
@@ -274,6 +278,7 @@ def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, gzipped_da
     assert round(ckpt['acc'] * N_TEST / 100, 6).is_integer()
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     """A checkpoint written under torchrun continues in a plain single process, appending one log row."""
     folder, _ = ddp_run
@@ -286,6 +291,7 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     assert ckpt['epoch'] == 2 and ckpt['args']['time_step'] == 2 and len(ckpt['rng']) == 1
 
 
+@pytest.mark.slow
 def test_single_process_checkpoint_resumes_under_torchrun(gzipped_data, tmp_path):
     """A single-process checkpoint continues under torchrun: one more log row from rank 0 alone, the
     processes identical at the end, and the new checkpoint holds both processes' random states."""
@@ -323,6 +329,7 @@ def sync_bn_batch():
     return 3.0 * torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1)) + 5.0
 
 
+@pytest.mark.slow
 def test_sync_bn_input_stats_cover_every_process(tmp_path):
     """Under --sync-bn the simulation normalises the input current with the whole batch's statistics, as f's
     SyncBatchNorm does, so the time-averaged simulated current is still F(x̄): two Gloo processes holding
@@ -361,6 +368,7 @@ def stats_problem():
     return h, torch.randn(2, 3, generator=gen, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_synced_batch_stats_values_and_gradient(tmp_path):
     """Synced batch statistics (the Jacobian point of a multi-layer net under --sync-bn) have the whole batch's
     values, and their gradient with respect to each process's share equals the whole-batch gradient's rows."""
@@ -504,6 +512,7 @@ def results(procs, out):
     return found
 
 
+@pytest.mark.slow
 def test_data_barrier_waits_as_long_as_the_configured_timeout(tmp_path):
     """Rank 0 prepares the data for 4 s while rank 1 waits in the barrier: with timeout=2 s rank 1 gives up
     after about 2 s (so the timeout given to init_from_env is the one in force, not Gloo's 30 minutes);

@@ -393,6 +393,7 @@ def test_cli_numbers_files_in_sorted_name_order(tmp_path, capsys):
     assert "converted 4/4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_parallel_output_matches_serial(tmp_path):
     raw = make_nmnist_tree(tmp_path / "raw", "raw", per_class=1)
     assert convert_main([str(raw), str(tmp_path / "a")]) == 0
@@ -474,6 +475,7 @@ def interrupt_converter(raw, out, jobs, signum):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs, signum", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
 def test_cli_interrupted_then_resumed(tmp_path, capsys, jobs, signum):
     """Ctrl-C (or SIGTERM) mid-way: one line and 128 + signal; only whole files and the unfinished-marker

@@ -66,6 +66,7 @@ def assert_paper_initialisation(model):
     assert snn.feedback.spectral.g.item() == pytest.approx(spectral_norm(V.flatten(1)), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, classes, time_step, leak, solver, shape, widths", PAPER_NETS,
                          ids=[f"{row[0]}-C{row[1]}" for row in PAPER_NETS])
 def test_training_step_and_rates(name, classes, time_step, leak, solver, shape, widths):

@@ -178,6 +178,7 @@ def printed_table(out):
     return rows
 
 
+@pytest.mark.slow
 def test_cifar_rate_script_matches_direct_computation(tmp_path, capsys):
     make_cifar(tmp_path / 'data', n_train=4, n_test=8, num_classes=10)
     ckpt = tmp_path / 'run' / 'model_best.pth.tar'
@@ -262,6 +263,7 @@ def make_data(name, root):
         make_nmnist_tree(root, 'raw', per_class=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,dataset,leaky', [('mnist_conv', 'mnist', 1.0), ('fashion_mlp', 'digits', 0.95),
                                                 ('nmnist_conv', 'nmnist', 0.95), ('cifarnetf', 'cifar100', 1.0)])
 def test_every_network_and_data_set(tmp_path, capsys, arch, dataset, leaky):
@@ -324,6 +326,7 @@ def run_scripts(commands):
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line_with_nonzero_exit(tmp_path):
     data = tmp_path / 'data'
     make_cifar(data, n_train=4, n_test=4, num_classes=10)
@@ -419,6 +422,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_evaluation(tmp_path, 
     assert 'Preparing dataset' not in out and 'Test Loss' not in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 def test_a_stop_by_signal_is_one_line_and_writes_nothing(tmp_path, signum):
     make_mnist(tmp_path / 'data', n_train=4, n_test=16)

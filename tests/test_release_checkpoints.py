@@ -197,6 +197,7 @@ def direct_eval(model, dataset):
     return loss, 100.0 * (logits.argmax(1) == y).double().mean().item(), rates
 
 
+@pytest.mark.slow
 def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, capsys):
     make_cifar(tmp_path / 'data', n_train=4, n_test=8, num_classes=10)
     torch.manual_seed(0)
@@ -224,6 +225,7 @@ def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, 
     assert min(rates) > 0.01
 
 
+@pytest.mark.slow
 def test_model_best_written_by_training_loads_everywhere(tmp_path, monkeypatch):
     make_mnist(tmp_path / 'data', n_train=16, n_test=8)
     run = tmp_path / 'run'

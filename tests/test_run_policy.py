@@ -186,6 +186,7 @@ def test_release_checkpoint_resumes_training(released, data_root, tmp_path, caps
     assert digest(folder) == before
 
 
+@pytest.mark.slow
 @cpu_bit_exact
 def test_release_checkpoint_in_a_new_folder_is_repeatable(released, data_root, tmp_path, single_thread):
     """From a release file, -c new folders train the same for the same --manualSeed: the RNG starts from it."""
@@ -299,6 +300,7 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- one run per folder
 
+@pytest.mark.slow
 def test_a_folder_in_use_is_refused_and_a_stale_lock_is_not(data_root, tmp_path, capsys):
     """While run A trains in R, a second run there exits 1 in one line naming A's PID and writes nothing.
     A killed outright leaves R/.lock behind, which blocks no one; two resumes of one checkpoint at once:

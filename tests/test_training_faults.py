@@ -126,6 +126,7 @@ def test_leaky_outside_the_unit_interval_is_if_and_the_choice_is_printed(leaky, 
 
 # ---------------------------------------------------------------- nothing lost
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_the_previous_checkpoint(trained, tmp_path, single_thread):
     """kill -9 while the next checkpoint is half written: every file of the previous epoch (checkpoint, best
     model, log) is byte-identical, and the run resumes from it."""
@@ -205,6 +206,7 @@ def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys,
     assert digest(first) == before[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_epoch_stops_with_a_resumable_checkpoint(signum, data_root, tmp_path, single_thread):
     """SIGINT/SIGTERM in epoch 2: exit 128+signal after the batch, epoch 1's checkpoint kept, and the printed
@@ -232,6 +234,7 @@ def test_signal_mid_epoch_stops_with_a_resumable_checkpoint(signum, data_root, t
     assert load_checkpoint(folder / CKPT)['epoch'] == 3 and len(log_rows(folder)) == 3
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_and_an_impossible_folder(trained, tmp_path, data_root):
     """ENOSPC half way through the checkpoint or the best model, or -c under a regular file: one line, exit 1,
     and every file as it was (neither file replaced, no temporary left, no log line)."""
@@ -342,6 +345,7 @@ def faulty_runs(tmp_path_factory, data_root):
     return {'skips': (root / 'skips', code, out, terminal), 'stops': (root / 'stops', *finish(stops))}
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_counted_and_leave_no_trace(faulty_runs):
     """A NaN batch and a NaN solver residual each skip one step with a warning, counted in the log and the
     bar; the run completes, and the NaN batch leaves no NaN in the BN statistics or the results."""
@@ -362,6 +366,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_no_trace(faulty_runs):
     assert 'skipped 1' in out.splitlines()[-2]
 
 
+@pytest.mark.slow
 def test_five_non_finite_steps_in_a_row_stop_at_the_last_good_checkpoint(faulty_runs):
     """Five skipped steps in a row end the run with one clear line naming the last good checkpoint, intact."""
     folder, code, out, err = faulty_runs['stops']

@@ -27,6 +27,7 @@ def listing(folder):
     return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.name != LOCK}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_train_resume_evaluate(script, data_root, tmp_path, capsys):
     """One epoch writes the run's four files; --resume adds an epoch with the saved flags; -e reports the
@@ -57,6 +58,7 @@ def test_train_resume_evaluate(script, data_root, tmp_path, capsys):
     assert listing(folder) == before
 
 
+@pytest.mark.slow
 def test_nmnist_conv_trains_on_the_raw_format(tmp_path, capsys):
     """nmnist_conv.py trains on the official raw layout (.bin events) too, as IF with its damped-iteration
     solver, and -e reproduces the recorded accuracy (the text layout is trained in test_train_resume_evaluate)."""
@@ -71,6 +73,7 @@ def test_nmnist_conv_trains_on_the_raw_format(tmp_path, capsys):
     assert shown == f"{ckpt['acc']:.2f}" and result['acc'] == ckpt['acc']
 
 
+@pytest.mark.slow
 def test_digits_needs_no_files(tmp_path):
     """-d digits trains from scikit-learn's bundled set: no --path folder is read or made."""
     run_main('fashion_mlp', FAST + ['-d', 'digits', '--path', str(tmp_path / 'none'), '-c', tmp_path / 'run',
