@@ -121,7 +121,7 @@ def tiny_input():
 # Tiny runs: two time steps, three solver iterations, two training batches per epoch on `data_root`.
 TINY = ['-j', '0', '-t', '2', '--threshold', '3', '--train-batch', '16', '--test-batch', '16', '--manualSeed', '0']
 CHILD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-WAIT_S = 120
+WAIT_S = 600  # generous: a loaded machine can take minutes to start a process importing torch
 
 # Faults inside a running script are injected by HOOKED, a wrapper run with `python -c` that patches
 # the library in that process only and then runs the script as `__main__`; the scripts have no flag

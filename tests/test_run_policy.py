@@ -1,4 +1,5 @@
-"""The run policy of the training scripts: which flags a resumed run uses, who owns a folder, what resumes where.
+"""The run policy of the training scripts: which flags a resumed run uses, who owns a folder, what resumes where
+(bit for bit from our own checkpoints; from the paper's release files as far as they allow).
 
 Each test runs a script for real (in this process, or as a process where
 another run must live beside it) on the tiny data sets of tests/conftest.py,
@@ -109,6 +110,8 @@ def test_tol_none_switches_off_an_inherited_tolerance(data_root, tmp_path, capsy
     ckpt = load_checkpoint(folder / CKPT)
     assert ckpt['epoch'] == 2 and ckpt['args']['tol'] is None and ckpt['model_args']['tol'] is None
 
+
+# ---------------------------------------------------------------- exact resumption
 
 def assert_same_tensors(a, b):
     """Two nested structures hold bit-identical tensors and equal plain values."""
