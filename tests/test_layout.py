@@ -5,6 +5,7 @@ or tests/. A top-level script (the training scripts, get_rate.py, reproduce.py) 
 project's own modules, neither tools/ nor tests/: those are run, never imported by what users run.
 """
 import ast
+import functools
 import glob
 import os
 
@@ -32,6 +33,7 @@ def module_name(path):
     return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
 
 
+@functools.cache
 def imported_names(path):
     """Every module name the file at path imports: import / from-import statements anywhere in it (relative
     ones resolved), the submodules a from-import names, and importlib.import_module('...') with a literal."""
@@ -52,9 +54,10 @@ def imported_names(path):
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr == 'import_module' and node.args and isinstance(node.args[0], ast.Constant)):
             names.add(node.args[0].value)
-    return names
+    return frozenset(names)
 
 
+@functools.cache
 def project_imports(name):
     """The project's modules that importing `name` runs directly: its imports, with their parent packages."""
     found = set()
@@ -65,7 +68,7 @@ def project_imports(name):
             if module_file(prefix) is not None:
                 found.add(prefix)
     found.discard(name)
-    return found
+    return frozenset(found)
 
 
 def reached(name):
