@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,19 @@ def make_tiny_input(arch, batch, spike=False, time_step=10, seed=1, dtype=torch.
     if spike:
         return (torch.rand(*shape, time_step, generator=gen) < 0.5).to(dtype)
     return (scale * torch.randn(*shape, generator=gen)).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def python_signal_handlers():
+    """Each test starts with Python's own SIGINT (KeyboardInterrupt) and SIGTERM handling and leaves it so: tests
+    that signal this process expect it, and a shell starts background jobs with SIGINT ignored."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="module")
