@@ -1,22 +1,22 @@
 """The training-step benchmark: its command runs, and timing a step part by part leaves the step as it is."""
 import copy
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.conftest import REPO
 from tools.bench import COLUMNS, RegionTimer, TrainingStep, build_training, cpu_peak_mb, make_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_command_prints_the_table():
     """`python -m tools.bench` on a tiny configuration prints one Markdown table with every column."""
     result = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--nets", "fashion_mlp", "--time-steps", "2", "--batch", "2",
-         "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = "| " + " | ".join(COLUMNS) + " |"

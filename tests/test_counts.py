@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
+from tests.conftest import REPO
 from modules import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (net, classes, neurons, params) as printed in the paper's table.
 PAPER_TABLE = [
@@ -87,7 +87,7 @@ def test_counts_match_paper_table(built_counts, name, classes, neurons, params):
 
 
 def test_counts_are_exact_for_the_small_nets(built_counts):
-    """Exact counts worked out by hand from DESIGN.md §4 (input + spiking neurons; all parameters).
+    """Exact counts worked out by hand from the architectures (docs/method.md; input + spiking neurons; all parameters).
 
     mnist_conv: 784 + 64·14·14 neurons; conv 1→64 k5 (+bias) + BN + conv 64→64 k5 (no bias) + g
     + classifier 12544→10. fashion_mlp: 784 + 400; fc 784→400 + BN + fc 400→400 + g + 400→10.
@@ -105,29 +105,12 @@ def test_counts_are_exact_for_the_small_nets(built_counts):
         assert built_counts[name, 10] == exact, name
 
 
+@pytest.mark.slow
 def test_counts_script_prints_the_table(built_counts):
     """`python -m tools.counts` prints a Markdown table whose rows agree with the built nets."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "tools.counts"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "tools.counts"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| mnist_conv | 10 | 13,328 | 229,643 | 13K | 229K |" in result.stdout
     assert parse_markdown_rows(result.stdout) == built_counts
-
-
-def test_readme_settings_table_is_the_settings_table():
-    """The README's per-script table states what modules.settings.NETS holds (T, leak, schedule, warm-up, solver)."""
-    from modules import NETS
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md'),
-                  encoding='utf-8').read()
-    rows = {}
-    for line in readme.splitlines():
-        cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        if len(cells) == 8 and cells[0].startswith('`') and cells[0].endswith('.py`'):
-            rows[cells[0].strip('`')] = cells
-    assert set(rows) == {net.script for net in NETS.values()}
-    for name, net in NETS.items():
-        _, _, datasets, t, leaky, schedule, warmup, solver = rows[net.script]
-        assert datasets == ', '.join(f'`{d}`' for d in net.datasets), name
-        assert (int(t), float(leaky), schedule, int(warmup), solver) == (
-            net.time_step, net.leaky, ' '.join(map(str, net.schedule)), net.warmup, net.solver), name

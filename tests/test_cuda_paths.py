@@ -89,6 +89,7 @@ def gloo_group_of_one(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, leak, shape", NETS)
 def test_sync_bn_training_step_matches_plain_bn(gloo_group_of_one, name, leak, shape):
     """Every paper net converted to SyncBatchNorm as utils.training.distributed.wrap does under --sync-bn takes a

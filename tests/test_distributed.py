@@ -7,7 +7,6 @@ what rank 0 wrote, and with single-process runs of the same checkpoints.
 """
 import datetime
 import gzip
-import importlib
 import os
 import re
 import shutil
@@ -21,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.conftest import REPO
 from modules import build_model
 from modules.layers import batch_stats
+from tests.conftest import load, log_rows, run_main
 from tools import fakedata
 from utils.training import distributed
 from utils.data.datasets import ShardSampler
@@ -32,7 +33,6 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
               # In-process runs on one thread too, like each torchrun process (OMP_NUM_THREADS=1).
               pytest.mark.usefixtures('single_thread')]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = 'fashion_mlp'
 WORLD = 2
 TRAIN_BATCH = 8
@@ -152,22 +152,6 @@ def read_text(path):
     return path.read_text() if path.is_file() else ''
 
 
-def run_main(argv):
-    """SCRIPT's main(argv) in this process (a group of one)."""
-    return importlib.import_module(SCRIPT).main(list(map(str, argv)))
-
-
-def load(path):
-    """A checkpoint as the scripts load it."""
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def log_rows(folder):
-    """The numbers of each data row of folder/log.txt."""
-    with open(folder / 'log.txt', encoding='utf-8') as f:
-        return [[float(v) for v in line.split('\t')] for line in f.read().splitlines()[1:]]
-
-
 def fakedata_labels(root, split):
     """The labels of a split of the fake Fashion-MNIST under root."""
     path = root / 'FashionMNIST' / 'raw' / f'{split}-labels-idx1-ubyte'
@@ -197,19 +181,20 @@ def assert_only_rank0_spoke(ranks):
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    """Fake Fashion-MNIST, N_TRAIN / N_TEST images, only as .gz archives."""
+def gzipped_data(tmp_path_factory):
+    """Fake Fashion-MNIST, N_TRAIN / N_TEST images (sized for WORLD processes), only as .gz archives: the
+    processes unpack them, so this cannot be the shared data_root."""
     root = tmp_path_factory.mktemp('data')
     gzip_only(fakedata.make_mnist(str(root), n_train=N_TRAIN, n_test=N_TEST, kind='FashionMNIST'))
     return root
 
 
 @pytest.fixture(scope='module')
-def ddp_run(data_root, tmp_path_factory):
+def ddp_run(gzipped_data, tmp_path_factory):
     """One epoch under torchrun, without --manualSeed (the processes must agree on the random one)."""
     tmp = tmp_path_factory.mktemp('ddp')
     folder = tmp / 'run'
-    ranks = torchrun(tmp, 'ranks', FLAGS + ['--path', data_root, '-c', folder, '--epochs', 1])
+    ranks = torchrun(tmp, 'ranks', FLAGS + ['--path', gzipped_data, '-c', folder, '--epochs', 1])
     return folder, ranks
 
 
@@ -225,6 +210,7 @@ def test_shards_cover_the_test_set_once():
     assert isinstance(ShardSampler(data, num_replicas=3, rank=0), DistributedSampler)
 
 
+@pytest.mark.slow
 def test_processes_end_with_identical_networks(ddp_run):
     """After the training steps every process holds the same weights and buffers, and they moved.
 
@@ -242,14 +228,15 @@ def test_processes_end_with_identical_networks(ddp_run):
         'training changed no weight'
 
 
-def test_processes_split_each_epochs_data(ddp_run, data_root):
+@pytest.mark.slow
+def test_processes_split_each_epochs_data(ddp_run, gzipped_data):
     """The two processes see disjoint halves of the training set (so their first batches differ), which
     also shows that they drew the same data order from the same (random, not typed) seed."""
     folder, ranks = ddp_run
     (first,), (second,) = (rank['saved']['indices'] for rank in ranks)
     assert len(first) == len(second) == N_TRAIN // WORLD
     assert sorted(first + second) == list(range(N_TRAIN))
-    targets = torch.tensor(fakedata_labels(data_root, 'train'))
+    targets = torch.tensor(fakedata_labels(gzipped_data, 'train'))
     assert not torch.equal(targets[first[:TRAIN_BATCH]], targets[second[:TRAIN_BATCH]])
     ckpt = load(folder / 'checkpoint.pth.tar')
     printed = re.search(r'Seed: (\d+)', ranks[0]['out']).group(1)
@@ -257,13 +244,14 @@ def test_processes_split_each_epochs_data(ddp_run, data_root):
     assert len(ckpt['rng']) == WORLD
 
 
-def test_only_rank0_writes_and_prints(ddp_run, data_root):
+@pytest.mark.slow
+def test_only_rank0_writes_and_prints(ddp_run, gzipped_data):
     """The checkpoint folder holds exactly one run's files; the data folder only the unpacked archives, with
     the second process reading them after the first had unpacked them; only rank 0 printed anything."""
     folder, ranks = ddp_run
     assert set(os.listdir(folder)) == RUN_FILES
     assert len(log_rows(folder)) == 1
-    raw = data_root / 'FashionMNIST' / 'raw'
+    raw = gzipped_data / 'FashionMNIST' / 'raw'
     names = {'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'}
     assert set(os.listdir(raw)) == names | {name + '.gz' for name in names}
     (calls0,), (calls1,) = (rank['saved']['data_calls'] for rank in ranks)
@@ -271,16 +259,17 @@ def test_only_rank0_writes_and_prints(ddp_run, data_root):
     assert_only_rank0_spoke(ranks)
 
 
-def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, data_root, capsys):
+@pytest.mark.slow
+def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, gzipped_data, capsys):
     """The accuracy rank 0 printed, logged and stored (over 19 + 18 test images) is what a single process
     evaluating the checkpoint gets over all 37."""
     folder, ranks = ddp_run
     ckpt = load(folder / 'checkpoint.pth.tar')
     (printed, best), = epoch_lines(ranks[0]['out'])
-    logged = log_rows(folder)[0][4]
+    logged = log_rows(folder)[0]['Valid Acc.']
     assert ckpt['best_acc'] == ckpt['acc']
     capsys.readouterr()
-    result = run_main(['-e', '--resume', folder / 'checkpoint.pth.tar', '--path', data_root, '-j', '0'])
+    result = run_main(SCRIPT, ['-e', '--resume', folder / 'checkpoint.pth.tar', '--path', gzipped_data, '-j', '0'])
     alone = float(re.search(r'Test Acc: (\S+)', capsys.readouterr().out).group(1))
     assert result['acc'] == pytest.approx(ckpt['acc'], abs=1e-9)
     assert round(ckpt['acc'], 2) == printed == best == alone
@@ -289,23 +278,25 @@ def test_checkpoint_evaluates_alone_to_the_reported_accuracy(ddp_run, data_root,
     assert round(ckpt['acc'] * N_TEST / 100, 6).is_integer()
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     """A checkpoint written under torchrun continues in a plain single process, appending one log row."""
     folder, _ = ddp_run
     copy = tmp_path / 'run'
     shutil.copytree(folder, copy)
-    run_main(['--resume', copy / 'checkpoint.pth.tar', '--epochs', 2, '-j', '0'])
+    run_main(SCRIPT, ['--resume', copy / 'checkpoint.pth.tar', '--epochs', 2, '-j', '0'])
     assert set(os.listdir(copy)) == RUN_FILES
     assert len(log_rows(copy)) == 2
     ckpt = load(copy / 'checkpoint.pth.tar')
     assert ckpt['epoch'] == 2 and ckpt['args']['time_step'] == 2 and len(ckpt['rng']) == 1
 
 
-def test_single_process_checkpoint_resumes_under_torchrun(data_root, tmp_path):
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_torchrun(gzipped_data, tmp_path):
     """A single-process checkpoint continues under torchrun: one more log row from rank 0 alone, the
     processes identical at the end, and the new checkpoint holds both processes' random states."""
     folder = tmp_path / 'run'
-    run_main(FLAGS + ['--path', data_root, '-c', folder, '--epochs', 1, '--manualSeed', 0])
+    run_main(SCRIPT, FLAGS + ['--path', gzipped_data, '-c', folder, '--epochs', 1, '--manualSeed', 0])
     ranks = torchrun(tmp_path, 'ranks', ['--resume', folder / 'checkpoint.pth.tar', '--epochs', 2])
     assert set(os.listdir(folder)) == RUN_FILES
     assert len(log_rows(folder)) == 2
@@ -338,6 +329,7 @@ def sync_bn_batch():
     return 3.0 * torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1)) + 5.0
 
 
+@pytest.mark.slow
 def test_sync_bn_input_stats_cover_every_process(tmp_path):
     """Under --sync-bn the simulation normalises the input current with the whole batch's statistics, as f's
     SyncBatchNorm does, so the time-averaged simulated current is still F(x̄): two Gloo processes holding
@@ -376,6 +368,7 @@ def stats_problem():
     return h, torch.randn(2, 3, generator=gen, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_synced_batch_stats_values_and_gradient(tmp_path):
     """Synced batch statistics (the Jacobian point of a multi-layer net under --sync-bn) have the whole batch's
     values, and their gradient with respect to each process's share equals the whole-batch gradient's rows."""
@@ -519,6 +512,7 @@ def results(procs, out):
     return found
 
 
+@pytest.mark.slow
 def test_data_barrier_waits_as_long_as_the_configured_timeout(tmp_path):
     """Rank 0 prepares the data for 4 s while rank 1 waits in the barrier: with timeout=2 s rank 1 gives up
     after about 2 s (so the timeout given to init_from_env is the one in force, not Gloo's 30 minutes);

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from modules import adjoint_solve, solvers
-from tests.test_faults import CKPT, TINY, copy_run, data_root, fails, log_rows, run_main, trained  # noqa: F401
-from tests.test_resume import Toy, toy_epoch
+from tests.conftest import CKPT, TINY, copy_run, fails, log_rows, run_main
+from tests.test_training_epoch import Toy, toy_epoch
 from utils import flags
 from utils.training.epoch import IDLE_SOLVES, FaultGuard, TooManyFaults, likely_cause
 

@@ -1,4 +1,4 @@
-"""The implicit gradient is the exact gradient of the equilibrium (DESIGN.md §3).
+"""The implicit gradient is the exact gradient of the equilibrium (docs/method.md: where J is evaluated).
 
 Every kind of net (fc / conv / multi-layer conv, IF / LIF, constant / spike input, with
 and without dropout) is checked in float64, with BN in training mode, against

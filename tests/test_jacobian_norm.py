@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modules.jacobian import hutchinson_frobenius, jacobian_norm, operator_norm
-from tests.test_faults import TINY, data_root, log_rows, run_main  # noqa: F401
+from tests.conftest import TINY, log_rows, run_main
 from utils import flags
 from utils.training.epoch import train_step
 

@@ -1,7 +1,7 @@
 """N-MNIST data layer: raw reader, MATLAB-exact conversion, text reader, frames, data set, converter CLI.
 
-Expected text outputs are worked out by hand from the algorithm in
-NMNIST.md: x = x0 + 1, y = y0 + 1, saccade shift, round half away from
+Expected text outputs are worked out by hand from the paper's preprocessing (its MATLAB
+conversion): x = x0 + 1, y = y0 + 1, saccade shift, round half away from
 zero, channel (x-1)·34 + y (+1156 for ON), bin ceil(ts / 3000).
 """
 
@@ -18,14 +18,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests.conftest import REPO
 from tests.nmnist_fakes import make_nmnist_tree, random_events, write_bin, write_raw_tree
 from utils.data import nmnist
 from utils.data.datasets import DataError, get_datasets
 from utils.data.nmnist_convert import convert_tree, main as convert_main
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "nmnist_sample.bin"
-needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="real N-MNIST sample not available")
+# A real recording in the official raw format (e.g. one file of the N-MNIST release, or the sample the tonic
+# library ships for its tests), named by the NMNIST_SAMPLE environment variable; its tests skip without one.
+SAMPLE = Path(os.environ.get("NMNIST_SAMPLE", ""))
+needs_sample = pytest.mark.skipif(not SAMPLE.is_file(), reason="set NMNIST_SAMPLE to a real N-MNIST .bin recording")
 
 ON, OFF = 1, 0
 
@@ -49,9 +51,10 @@ def test_read_bin_decodes_all_fields(tmp_path):
 
 @needs_sample
 def test_real_sample_reads_as_documented():
+    """A real recording decodes to 5-byte events over three saccades (~300 ms), in time order, on the 34x34 sensor."""
     ev = nmnist.read_bin(SAMPLE)
-    assert len(ev) == 4325
-    assert (ev["ts"].min(), ev["ts"].max()) == (654, 311175)
+    assert len(ev) == SAMPLE.stat().st_size // 5 > 1000
+    assert 250000 < ev["ts"].max() < 350000
     assert np.all(np.diff(ev["ts"].astype(np.int64)) >= 0)
     assert ev["x"].max() <= 33 and ev["y"].max() <= 33
 
@@ -391,6 +394,7 @@ def test_cli_numbers_files_in_sorted_name_order(tmp_path, capsys):
     assert "converted 4/4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_parallel_output_matches_serial(tmp_path):
     raw = make_nmnist_tree(tmp_path / "raw", "raw", per_class=1)
     assert convert_main([str(raw), str(tmp_path / "a")]) == 0
@@ -472,6 +476,7 @@ def interrupt_converter(raw, out, jobs, signum):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs, signum", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
 def test_cli_interrupted_then_resumed(tmp_path, capsys, jobs, signum):
     """Ctrl-C (or SIGTERM) mid-way: one line and 128 + signal; only whole files and the unfinished-marker

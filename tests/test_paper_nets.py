@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ALEXNETF_WIDTHS = [96 * 16 * 16, 256 * 16 * 16, 384 * 8 * 8, 384 * 8 * 8, 256 * 8 * 8]
 CIFARNETF_WIDTHS = [128 * 16 * 16, 256 * 16 * 16, 512 * 8 * 8, 1024 * 8 * 8, 512 * 8 * 8]
 # (net, classes, time steps, leak, solver, input shape, spiking-layer widths n_l): the paper's
-# leak and solver (DESIGN.md §5); T = 30 for mnist_conv, 4 elsewhere to stay quick.
+# leak and solver (modules/settings.py); T = 30 for mnist_conv, 4 elsewhere to stay quick.
 PAPER_NETS = [
     ("mnist_conv", 10, 30, 0.95, "broyden", (1, 28, 28), [64 * 14 * 14]),
     ("fashion_mlp", 10, 4, 0.95, "broyden", (1, 28, 28), [400]),
@@ -45,7 +45,7 @@ def spectral_norm(matrix):
 
 
 def assert_paper_initialisation(model):
-    """DESIGN.md §3: every conv/linear/convT weight of the SNN has unit-norm fan-in slices
+    """The paper's initialisation (docs/method.md): every conv/linear/convT weight of the SNN has unit-norm fan-in slices
     (for ConvTranspose the slice [:, i]) with entries in [-1, 1]; biases 0; BN γ = 1, β = 0;
     the feedback scale g equals σ(V) of the raw feedback weight reshaped to (dim 0, rest)."""
     snn = model.snn
@@ -66,6 +66,7 @@ def assert_paper_initialisation(model):
     assert snn.feedback.spectral.g.item() == pytest.approx(spectral_norm(V.flatten(1)), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, classes, time_step, leak, solver, shape, widths", PAPER_NETS,
                          ids=[f"{row[0]}-C{row[1]}" for row in PAPER_NETS])
 def test_training_step_and_rates(name, classes, time_step, leak, solver, shape, widths):
@@ -77,7 +78,7 @@ def test_training_step_and_rates(name, classes, time_step, leak, solver, shape, 
     changes. Then get_all_rate gives one (B, n_l) tensor per spiking layer with the
     paper widths, holding spike counts / T in [0, 1]. The adjoint solve (the paper's solver and
     threshold 30) reaches a small relative residual at this size. The fresh net is initialised
-    as DESIGN.md §3 says."""
+    as docs/method.md says."""
     torch.manual_seed(0)
     model = build_model(name, num_classes=classes, time_step=time_step, leaky=leak, dropout=0.2,
                         solver=solver).train()
@@ -129,6 +130,6 @@ def test_training_step_and_rates(name, classes, time_step, leak, solver, shape, 
 
 @pytest.mark.parametrize("name, solver", [(row[0], row[4]) for row in PAPER_NETS if row[1] == 10])
 def test_default_solver_is_the_papers(name, solver):
-    """build_model without a solver argument uses the paper's solver for the net (DESIGN.md §5):
+    """build_model without a solver argument uses the paper's solver for the net (modules/settings.py):
     the damped iteration for N-MNIST (as its Architecture entry says), Broyden otherwise."""
     assert build_model(name, time_step=2).snn.solver == solver

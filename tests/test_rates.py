@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import REPO
 import get_rate
 from modules import ARCHITECTURES, NETS, build_model
 from modules.layers import Connection, Feedback
@@ -28,7 +29,6 @@ from utils.analysis.rates import (LayerRate, RateStats, evaluate_rates, format_t
                          output_paths, weighted_total)
 from utils.analysis.sops import network_links, sops_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts run side by side: one thread each, rather than every process claiming every core.
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
 
@@ -177,6 +177,7 @@ def printed_table(out):
     return rows
 
 
+@pytest.mark.slow
 def test_cifar_rate_script_matches_direct_computation(tmp_path, capsys):
     make_cifar(tmp_path / 'data', n_train=4, n_test=8, num_classes=10)
     ckpt = tmp_path / 'run' / 'model_best.pth.tar'
@@ -261,6 +262,7 @@ def make_data(name, root):
         make_nmnist_tree(root, 'raw', per_class=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,dataset,leaky', [('mnist_conv', 'mnist', 1.0), ('fashion_mlp', 'digits', 0.95),
                                                 ('nmnist_conv', 'nmnist', 0.95), ('cifarnetf', 'cifar100', 1.0)])
 def test_every_network_and_data_set(tmp_path, capsys, arch, dataset, leaky):
@@ -317,12 +319,13 @@ def test_bad_flags_are_one_line(capsys, argv, message):
 
 def run_scripts(commands):
     """Run the command lines concurrently; return their CompletedProcess-like (code, out, err)."""
-    procs = [subprocess.Popen([sys.executable] + cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable] + cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=ENV)
              for cmd in commands]
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line_with_nonzero_exit(tmp_path):
     data = tmp_path / 'data'
     make_cifar(data, n_train=4, n_test=4, num_classes=10)
@@ -418,6 +421,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_evaluation(tmp_path, 
     assert 'Preparing dataset' not in out and 'Test Loss' not in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 def test_a_stop_by_signal_is_one_line_and_writes_nothing(tmp_path, signum):
     make_mnist(tmp_path / 'data', n_train=4, n_test=16)
@@ -425,7 +429,7 @@ def test_a_stop_by_signal_is_one_line_and_writes_nothing(tmp_path, signum):
     write_project_checkpoint(ckpt, 'mnist_conv', time_step=5000, leaky=0.95)  # minutes of simulation
     proc = subprocess.Popen([sys.executable, '-u', 'get_rate.py', '--arch', 'mnist_conv', '--path',
                              str(tmp_path / 'data'), '--resume', str(ckpt), '-j', '0', '--test-batch', '8'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         for line in proc.stdout:
             if line.startswith('==> Model'):  # the evaluation starts now

@@ -1,7 +1,6 @@
 """Checkpoints in the layout of the paper's release load wherever a checkpoint is accepted.
 
-The release saved its nets from GPUs under nn.DataParallel (see
-REFERENCE_CHECKPOINTS.md). `release_checkpoint` rebuilds that layout from one
+The release saved its nets from GPUs under nn.DataParallel. `release_checkpoint` rebuilds that layout from one
 of this project's models: `module.` prefix, the `snn_func.*` and
 `snn_ide_conv|fc.snn_func.*` aliases, the stale `snn_func_copy.*` copies (with
 other values, and a plain `weight`), the feedback weight as
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.serialization
 
+from tests.conftest import REPO
 import get_rate
 import get_rate_cifar_alexnetf
 import mnist_conv
@@ -30,12 +30,11 @@ from utils.data.datasets import get_datasets
 from utils.checkpoint import load_checkpoint, load_into_model
 from utils.files import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FEEDBACK = 'snn.feedback.linear.parametrizations.weight.'
 FEEDBACK_RELEASE = {'original': 'weight_w', '0.g': 'weight_g', '0.u': 'weight_u', '0.v': 'weight_v'}
 
-# Entry counts and prefix groups as REFERENCE_CHECKPOINTS.md lists them.
+# Entry counts per key prefix, as read from the released files (model_best.pth.tar of each net).
 RELEASE_GROUPS = {
     'mnist_conv': {'network_x': 7, 'network_s': 4, 'snn_func': 11, 'snn_func_copy': 8,
                    'snn_ide_conv.snn_func': 11, 'snn_ide_conv.snn_func_copy': 8, 'classifier': 2},
@@ -198,6 +197,7 @@ def direct_eval(model, dataset):
     return loss, 100.0 * (logits.argmax(1) == y).double().mean().item(), rates
 
 
+@pytest.mark.slow
 def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, capsys):
     make_cifar(tmp_path / 'data', n_train=4, n_test=8, num_classes=10)
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, 
 
     flags = ['--path', str(tmp_path / 'data'), '-t', '2', '--leaky', '0.99', '--test-batch', '4', '-j', '0']
     done = subprocess.run([sys.executable, 'cifar_alexnetf.py', '--evaluate', '--resume', str(path)] + flags,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
     assert done.returncode == 0, done.stderr
     evaluated = re.search(r'Test Loss: (\S+)  Test Acc: (\S+)', done.stdout).groups()
@@ -225,6 +225,7 @@ def test_release_file_in_the_evaluation_and_rate_scripts(tmp_path, monkeypatch, 
     assert min(rates) > 0.01
 
 
+@pytest.mark.slow
 def test_model_best_written_by_training_loads_everywhere(tmp_path, monkeypatch):
     make_mnist(tmp_path / 'data', n_train=16, n_test=8)
     run = tmp_path / 'run'

@@ -1,30 +1,29 @@
-"""The run policy of the training scripts: which flags a resumed run uses, who owns a folder, what resumes where.
+"""The run policy of the training scripts: which flags a resumed run uses, who owns a folder, what resumes where
+(bit for bit from our own checkpoints; from the paper's release files as far as they allow).
 
 Each test runs a script for real (in this process, or as a process where
-another run must live beside it or a signal must arrive) on the tiny
-Fashion-MNIST of tests/test_faults.py, and checks what the run printed and
-what it left on disk.
+another run must live beside it) on the tiny data sets of tests/conftest.py,
+and checks what the run printed and what it left on disk.
 """
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 
 import pytest
 import torch
 
+from tests.conftest import (BEST, CKPT, LOCK, LOG, TINY, copy_run, cpu_bit_exact, digest, fails, finish, launch,
+                            load, log_rows, run_main, wait_for)
+from tests.test_release_checkpoints import release_checkpoint, save_as_cuda
+from modules import build_model
 from tools.fakedata import make_mnist
-from tests.test_faults import (BEST, CKPT, LOG, TINY, copy_run, data_root, digest, fails, finish,  # noqa: F401
-                               launch, log_rows, released, run_main, trained, wait_for)
 from utils import flags
-from utils.training import epoch as engine, run as train
+from utils.training import distributed, epoch as engine, run as train
 from utils.training.resume import BASE_COLUMNS
 from utils.checkpoint import load_checkpoint
 from utils.training.logger import as_written
-
-LOCK = '.lock'
 
 
 def spy(monkeypatch, name):
@@ -112,6 +111,123 @@ def test_tol_none_switches_off_an_inherited_tolerance(data_root, tmp_path, capsy
     assert ckpt['epoch'] == 2 and ckpt['args']['tol'] is None and ckpt['model_args']['tol'] is None
 
 
+# ---------------------------------------------------------------- exact resumption
+
+def assert_same_tensors(a, b):
+    """Two nested structures hold bit-identical tensors and equal plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+# Dropout (all), augmentation in worker processes (CIFAR) and a warm-up that spans the epoch
+# boundary all need the restored state.
+@pytest.mark.slow
+@pytest.mark.parametrize('script, options', [
+    ('mnist_conv', ['--train-batch', '16', '--test-batch', '16']),
+    ('cifar_alexnetf', ['--train-batch', '4', '--test-batch', '4', '--warmup', '3', '-j', '2']),
+])
+@cpu_bit_exact
+def test_two_epochs_equal_one_plus_resume(script, options, data_root, tmp_path):
+    """Two epochs straight and one epoch then --resume end with the same network, optimizer, RNG and log."""
+    common = TINY + options + ['--path', data_root, '--manualSeed', '7']
+    run_main(script, common + ['--epochs', '2', '-c', tmp_path / 'straight'])
+    run_main(script, common + ['--epochs', '1', '-c', tmp_path / 'split'])
+    run_main(script, ['--resume', tmp_path / 'split' / CKPT, '--epochs', '2'])
+    straight, split = load(tmp_path / 'straight' / CKPT), load(tmp_path / 'split' / CKPT)
+    for key in ('state_dict', 'optimizer', 'rng', 'epoch', 'iteration', 'acc', 'best_acc'):
+        assert_same_tensors(straight[key], split[key])
+    assert (tmp_path / 'straight' / LOG).read_text() == (tmp_path / 'split' / LOG).read_text()
+
+
+# ---------------------------------------------------------------- the paper's release checkpoints
+
+@pytest.fixture
+def released(tmp_path, monkeypatch):
+    """A fashion_mlp checkpoint in the release's layout (epoch 1, best 100 %), saved as if from a GPU."""
+    torch.manual_seed(0)
+    model = build_model('fashion_mlp', time_step=2, leaky=0.95)
+    path = tmp_path / 'released' / BEST
+    path.parent.mkdir()
+    save_as_cuda(release_checkpoint(model, epoch=1, acc=100.0), path, monkeypatch)
+    return path
+
+
+def test_release_checkpoint_resumes_training(released, data_root, tmp_path, capsys, single_thread):
+    """--resume with a release file trains on from its epoch (iteration = epoch x batches), warns in one line
+    that it has no RNG state, creates the log in its own folder, and refuses that folder once it holds a run."""
+    common = TINY + ['--path', data_root]
+    original = released.read_bytes()
+    assert math.isfinite(run_main('fashion_mlp', common + ['-e', '--resume', released])['acc'])
+
+    capsys.readouterr()
+    run_main('fashion_mlp', common + ['--resume', released, '--epochs', '3'])
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f'warning: {released} holds no random-number state (not saved by this '
+                                        f'project); fresh streams from --manualSeed 0']
+    assert f'Resuming from {released}: epoch 2, iteration 2, best accuracy 100.00' in out
+    folder = released.parent
+    ckpt = load_checkpoint(folder / CKPT)
+    assert (ckpt['epoch'], ckpt['iteration'], ckpt['arch']) == (3, 6, 'fashion_mlp')
+    assert len(log_rows(folder)) == 2
+    assert released.read_bytes() == original  # 100 % was not beaten, so the release file stays
+
+    # The folder now holds a run: starting again from the release file there is refused.
+    before = digest(folder)
+    code, line = fails('fashion_mlp', common + ['--resume', released, '--epochs', '3'], capsys)
+    assert code == 1 and line == (f'fashion_mlp.py: error: {folder} already holds a run ({LOG}, {CKPT}): '
+                                  f'continue it with --resume {folder / CKPT}, or choose another folder with -c')
+    assert digest(folder) == before
+
+
+@pytest.mark.slow
+@cpu_bit_exact
+def test_release_checkpoint_in_a_new_folder_is_repeatable(released, data_root, tmp_path, single_thread):
+    """From a release file, -c new folders train the same for the same --manualSeed: the RNG starts from it."""
+    results = []
+    for name in ('a', 'b'):
+        run_main('fashion_mlp', TINY + ['--path', data_root, '--resume', released, '-c', tmp_path / name,
+                                        '--epochs', '2'])
+        results.append(load_checkpoint(tmp_path / name / CKPT))
+        assert len(log_rows(tmp_path / name)) == 1
+    assert results[0]['iteration'] == 4
+    assert all(torch.equal(results[0]['state_dict'][k], results[1]['state_dict'][k]) for k in results[0]['state_dict'])
+    assert sorted(os.listdir(released.parent)) == [BEST]
+
+
+def test_release_optimizer_state_is_used_when_it_fits(capsys):
+    """The release's SGD momentum is loaded (this run's hyperparameters kept); an Adam run starts afresh, warned."""
+    torch.manual_seed(0)
+    model = build_model('fashion_mlp', time_step=2)
+    ckpt = release_checkpoint(model, epoch=7, acc=88.0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.0)
+    say = print
+    assert train.restore_foreign(ckpt, 'rel', sgd, 11, 3, distributed.Context(), say) == (7, 77, 88.0)
+    drawn = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(4))  # fresh streams from the seed
+    saved = ckpt['optimizer']['state']
+    for index, param in enumerate(model.parameters()):
+        assert torch.equal(sgd.state[param]['momentum_buffer'], saved[index]['momentum_buffer'])
+    assert (sgd.param_groups[0]['momentum'], sgd.param_groups[0]['weight_decay']) == (0.5, 0.0)
+    assert 'optimizer state not used' not in capsys.readouterr().err
+
+    adam = torch.optim.Adam(model.parameters())
+    train.restore_foreign(ckpt, 'rel', adam, 11, 3, distributed.Context(), say)
+    assert not adam.state
+    assert ('warning: rel: optimizer state not used (it holds momentum_buffer, not Adam state); '
+            'starting from a fresh one') in capsys.readouterr().err.splitlines()
+
+
 # ---------------------------------------------------------------- devices
 
 @pytest.fixture
@@ -187,6 +303,7 @@ def test_native_bf16_reads_the_cpu_flags(flags, native, monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- one run per folder
 
+@pytest.mark.slow
 def test_a_folder_in_use_is_refused_and_a_stale_lock_is_not(data_root, tmp_path, capsys):
     """While run A trains in R, a second run there exits 1 in one line naming A's PID and writes nothing.
     A killed outright leaves R/.lock behind, which blocks no one; two resumes of one checkpoint at once:
@@ -321,23 +438,6 @@ def test_train_batch_one_is_a_flag_error_for_the_fc_net_only(data_root, tmp_path
                                    '--epochs', '1'])
     ckpt = load_checkpoint(tmp_path / 'conv' / CKPT)
     assert ckpt['iteration'] == 4 and log_rows(tmp_path / 'conv')[0]['Skipped'] == 0
-
-
-def test_the_resume_command_after_sigint_is_shell_quoted(data_root, tmp_path):
-    """After SIGINT, the printed command resumes the run's checkpoint even when its path holds spaces."""
-    folder, marks = tmp_path / 'my runs' / 'run 2', tmp_path / 'marks'
-    marks.mkdir()
-    proc = launch('fashion_mlp', TINY + ['--path', data_root, '--epochs', '2', '-c', folder], {'hold_batch': 3},
-                  marks)
-    wait_for(marks / 'held', proc)
-    proc.send_signal(signal.SIGINT)
-    (marks / 'release').touch()
-    code, _, err = finish(proc)
-    assert code == 128 + signal.SIGINT, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith('interrupted; resume with: ')
-    assert shlex.split(last[len('interrupted; resume with: '):]) == [
-        'python', 'fashion_mlp.py', '--resume', str(folder / CKPT)]
 
 
 def test_sweep_T_writes_one_accuracy_per_T_beside_the_checkpoint(trained, tmp_path, capsys):

@@ -9,6 +9,7 @@ REDUCED = ["--device", "cpu", "--nets", "mnist_conv", "--time-step", "2", "--bat
            "--bench-nets", "mnist_conv", "--bench-time-steps", "2", "3", "--bench-batch", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs Gloo for torchrun")
 def test_smoke_passes_on_the_cpu(capsys, monkeypatch):
     """Every check of the reduced smoke run passes: one PASS line per check (step fp32 and amp, resume, ddp,
@@ -22,6 +23,7 @@ def test_smoke_passes_on_the_cpu(capsys, monkeypatch):
     assert "| check | what | result | detail |" in out
 
 
+@pytest.mark.slow
 def test_smoke_fails_when_a_check_fails(capsys, monkeypatch):
     """A check that breaks (here the gradient tolerance set to an impossible 0) prints FAIL and the exit code is 1."""
     monkeypatch.setitem(smoke.TOLERANCE, "fp32", 0.0)

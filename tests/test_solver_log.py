@@ -8,7 +8,7 @@ was interrupted before its checkpoint.
 """
 import pytest
 
-from tests.test_faults import CKPT, LOG, TINY, data_root, digest, fails, run_main, trained  # noqa: F401
+from tests.conftest import CKPT, LOG, TINY, digest, fails, run_main
 from utils.training.logger import StepLog
 
 

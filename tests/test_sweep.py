@@ -14,6 +14,9 @@ from utils.checkpoint import load_checkpoint, normalize_state_dict
 from utils.files import CheckpointError
 from utils.analysis.sweep import sweep_accuracy, sweep_paths, sweep_prefix
 
+# Every test here uses one mnist_conv run trained for an epoch on digits.
+pytestmark = pytest.mark.slow
+
 TRAINED_T = 4
 
 

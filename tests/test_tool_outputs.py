@@ -15,7 +15,7 @@ import pytest
 
 import get_rate
 from modules import NETS
-from tests.test_faults import CKPT, TINY, data_root, digest, fails, run_main, trained  # noqa: F401
+from tests.conftest import CKPT, TINY, digest, fails, run_main
 from tools import bench, compare, smoke
 from utils.data.datasets import get_datasets
 from utils.training import epoch as engine, run as train

@@ -1,4 +1,4 @@
-"""IF/LIF dynamics: the simulation is the equations of DESIGN.md §2, and its rate converges
+"""IF/LIF dynamics: the simulation is the equations of docs/method.md, and its rate converges
 to the equilibrium a* = f(a*) (error O(1/T) for IF, O(1 - λ) for LIF)."""
 import itertools
 
@@ -129,7 +129,7 @@ def batch_norm(h, mean, var, bn):
 
 
 def feedback_weight(feedback):
-    """W = clamp(g, -1, 1) · V / σ, σ = uᵀ V v with the power-iteration vectors (DESIGN.md §3)."""
+    """W = clamp(g, -1, 1) · V / σ, σ = uᵀ V v with the power-iteration vectors (docs/method.md)."""
     parametrization = feedback.linear.parametrizations.weight
     V, spectral = parametrization.original, parametrization[0]
     sigma = spectral.u @ (V.flatten(1) @ spectral.v)
@@ -138,7 +138,7 @@ def feedback_weight(feedback):
 
 @torch.no_grad()
 def naive_simulation(snn, x, training):
-    """The equations of DESIGN.md §2–3 written out: returns (state rate, plain rate per layer).
+    """The equations of docs/method.md written out: returns (state rate, plain rate per layer).
 
     I_1[t] = F(x[t]) + W_fb s_N[t-1];  I_{l+1}[t] = W_l s_l[t];
     u[t] = λ(u[t-1] - Vth s[t-1]) + I[t];  s[t] = H(u[t] - Vth);  u[-1] = s[-1] = 0.
@@ -221,7 +221,7 @@ def test_simulation_matches_naive_reference(tiny_snn, tiny_input, arch, leak, sp
 
 
 def naive_equilibrium_function(snn, x, a, training):
-    """f(a) of DESIGN.md §2–3 written out: clamp((W_fb a + F(x̄)) / Vth, 0, 1), then
+    """f(a) of docs/method.md written out: clamp((W_fb a + F(x̄)) / Vth, 0, 1), then
     clamp(W_l h / Vth, 0, 1) for each loop layer. Training: every BN normalises with the batch
     statistics of its own input (biased variance), every layer's output is multiplied by its
     dropout mask; evaluation: running statistics, no dropout."""
@@ -254,7 +254,7 @@ def naive_equilibrium_function(snn, x, a, training):
 @pytest.mark.parametrize("arch, leak, spike, mode", NAIVE_CASES)
 def test_equilibrium_function_matches_naive_formula(tiny_snn, tiny_input, arch, leak, spike, mode):
     """`equilibrium_function(x)` (the f that the implicit gradient differentiates) equals the
-    formula of DESIGN.md §2–3 at a random state: x̄ the rate-weighted input average, BN with
+    formula of docs/method.md at a random state: x̄ the rate-weighted input average, BN with
     batch statistics and the forward's dropout masks in training, running statistics in
     evaluation."""
     T = 12

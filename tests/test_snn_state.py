@@ -1,5 +1,5 @@
 """What a training forward, an evaluation forward and a training step do to the model's state
-(DESIGN.md §3): values, BN statistics, power iteration, dropout masks, inputs, dtypes, errors."""
+(docs/method.md: the BN rules): values, BN statistics, power iteration, dropout masks, inputs, dtypes, errors."""
 import copy
 
 import pytest

@@ -7,25 +7,20 @@ malicious, truncated or foreign checkpoint, a malformed data file, an input of
 the wrong shape — and checks both the message and that nothing on disk was
 lost or changed.
 
-Faults inside a running script are injected by HOOKED, a wrapper run with
-`python -c` that patches the library in that process only and then runs the
-script as `__main__`; the scripts have no flag for any of this.
+Faults inside a running script are injected through `launch(..., hooks)` of
+tests/conftest.py, which patches the library in that process only.
 """
 import errno
-import hashlib
-import importlib
-import json
 import math
 import os
 import pickle
 import pty
 import re
+import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -33,175 +28,12 @@ import torch
 from modules import build_model
 from tests import nmnist_fakes
 from tools import fakedata
-from tests.conftest import cpu_bit_exact
-from tests.test_release_checkpoints import release_checkpoint, save_as_cuda
-from utils.training import distributed, run as train
+from tests.conftest import (BEST, CKPT, LOG, TINY, WAIT_S, copy_run, digest, error_line, fails, finish, launch,
+                            log_rows, run_main, wait_for)
+from utils.training import run as train
 from utils.data.datasets import DataError
 from utils.checkpoint import load_checkpoint
 from utils.training.status import STATUS_NAME
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny runs: two time steps, three solver iterations, two training batches per epoch.
-TINY = ['-j', '0', '-t', '2', '--threshold', '3', '--train-batch', '16', '--test-batch', '16', '--manualSeed', '0']
-CHILD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-WAIT_S = 120
-CKPT, BEST, LOG = 'checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt'
-
-HOOKED = r'''
-import errno, io, json, math, os, runpy, sys, time
-import torch
-import utils.files
-import utils.training.run
-from modules.snn import FeedbackSNN
-
-spec = json.loads(os.environ['FAULT_HOOKS'])
-count = {'batch': 0, 'solve': 0}
-
-
-def mark(name):
-    open(os.path.join(spec['marks'], name), 'w').close()
-
-
-real_write = utils.files._write_temporary
-
-
-def write_temporary(path, write):
-    # The write of the chosen file stops half way, then stalls (to be killed) or fails as a full disk does.
-    name = os.path.basename(path)
-    if name not in (spec.get('stall_write'), spec.get('fail_write')):
-        return real_write(path, write)
-
-    def half(f):
-        buffer = io.BytesIO()
-        write(buffer)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-        f.flush()
-        os.fsync(f.fileno())
-        if name == spec.get('fail_write'):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        mark('writing')
-        time.sleep(600)
-
-    return real_write(path, half)
-
-
-class Batches:
-    # Training batches counted over the whole run: chosen ones become NaN, one can be held.
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for inputs, targets in self.loader:
-            count['batch'] += 1
-            if count['batch'] in spec.get('nan_batches', ()):
-                inputs = torch.full_like(inputs, math.nan)
-            if count['batch'] == spec.get('hold_batch'):
-                mark('held')
-                while not os.path.exists(os.path.join(spec['marks'], 'release')):
-                    time.sleep(0.01)
-            yield inputs, targets
-
-
-real_epoch = utils.training.run.train_epoch
-
-
-def train_epoch(model, loader, *args, **kwargs):
-    return real_epoch(model, Batches(loader), *args, **kwargs)
-
-
-real_solve = FeedbackSNN._solve
-
-
-def solve(self, func, y0, f0=None):
-    # The chosen adjoint solves report a NaN residual; their result is left as it is.
-    y, info = real_solve(self, func, y0, f0=f0)
-    count['solve'] += 1
-    if count['solve'] in spec.get('bad_solves', ()):
-        info = dict(info, residual=math.nan)
-    return y, info
-
-
-utils.files._write_temporary = write_temporary
-utils.training.run.train_epoch = train_epoch
-FeedbackSNN._solve = solve
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-'''
-
-
-# ---------------------------------------------------------------- helpers
-
-def launch(script, argv, hooks=None, marks=None, cwd=REPO, stderr=subprocess.PIPE):
-    """Start `script`.py with argv (through HOOKED when hooks are given); return the Popen."""
-    env = dict(CHILD_ENV)
-    path = os.path.join(REPO, f'{script}.py')
-    command = [sys.executable, path, *map(str, argv)]
-    if hooks is not None:
-        env['FAULT_HOOKS'] = json.dumps({**hooks, 'marks': str(marks)})
-        command = [sys.executable, '-c', HOOKED, path, *map(str, argv)]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def finish(proc):
-    """Wait for proc; return (exit code, stdout, stderr)."""
-    try:
-        out, err = proc.communicate(timeout=WAIT_S)
-    finally:
-        proc.kill()
-    return proc.returncode, out, err
-
-
-def wait_for(path, proc):
-    """Wait until path exists while proc runs; fail with its output if it ends first."""
-    deadline = time.monotonic() + WAIT_S
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f'{path} never appeared (exit {proc.returncode}): {err[-2000:]}')
-        time.sleep(0.02)
-
-
-def error_line(err):
-    """The single line a failed run printed on stderr (no traceback)."""
-    assert 'Traceback' not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def run_main(script, argv):
-    """Call a script's main(argv) in this process."""
-    return importlib.import_module(script).main([str(a) for a in argv])
-
-
-def fails(script, argv, capsys):
-    """Run main(argv) in this process, expecting an exit; return (exit code, its one stderr line)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_main(script, argv)
-    return exc.value.code, error_line(capsys.readouterr().err)
-
-
-def digest(folder):
-    """{name: sha256} of every file in folder (hidden ones included) but the lock and the status file, which
-    describe the process that holds the folder now, not what a run saved."""
-    result = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_file() and entry.name not in ('.lock', STATUS_NAME):
-            with open(entry.path, 'rb') as f:
-                result[entry.name] = hashlib.sha256(f.read()).hexdigest()
-    return result
-
-
-def log_rows(folder):
-    """The data rows of folder/log.txt as dicts keyed by column name (None for a diagnostic not recorded: nan)."""
-    with open(os.path.join(folder, LOG), encoding='utf-8') as f:
-        header, *rows = [line.rstrip('\t').split('\t') for line in f.read().splitlines()]
-    return [dict(zip(header, (None if v == 'nan' else float(v) for v in row))) for row in rows]
 
 
 def all_finite(state_dict):
@@ -213,29 +45,6 @@ def screen_lines(raw):
     """The lines a terminal shows for raw output: escape sequences dropped, each line from its last carriage return."""
     text = re.sub(r'\x1b\[[0-9;?]*[A-Za-z]', '', raw.replace('\r\n', '\n'))
     return [line.rsplit('\r', 1)[-1] for line in text.split('\n')]
-
-
-def copy_run(source, folder):
-    """A copy of the run folder source at folder; returns folder."""
-    shutil.copytree(source, folder)
-    return folder
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    """Fake MNIST and Fashion-MNIST in torchvision's layout: 32 training and 16 test images each."""
-    root = tmp_path_factory.mktemp('data')
-    for kind in ('MNIST', 'FashionMNIST'):
-        fakedata.make_mnist(str(root), n_train=32, n_test=16, kind=kind)
-    return root
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_root, single_thread):
-    """A fashion_mlp run folder after one epoch (checkpoint, best, log, plot); tests work on copies."""
-    folder = tmp_path_factory.mktemp('trained') / 'run'
-    run_main('fashion_mlp', TINY + ['--path', data_root, '--epochs', '1', '-c', folder])
-    return folder
 
 
 # ---------------------------------------------------------------- flags
@@ -261,6 +70,13 @@ BAD_FLAGS = [
                  marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='any index is usable without GPUs')),
     (['--lr'], '--lr', ['expected one argument']),
     (['--lr0', '1'], '--lr0 1', ['not a flag of this script']),
+    (['--epochs', '0'], '--epochs', ["an integer >= 1, got '0'"]),
+    (['--drop', '1'], '--drop', ["a number in [0, 1), got '1'"]),
+    (['--drop', '-0.1'], '--drop', ["a number in [0, 1), got '-0.1'"]),
+    (['--optimizer', 'RMSprop'], '--optimizer', ['RMSprop', 'SGD', 'Adam']),
+    (['--schedule', '0', '10'], '--schedule', ["an integer >= 1, got '0'"]),
+    (['-e'], '--evaluate', ['needs --resume FILE']),
+    (['--start-epoch', '5', '--epochs', '5'], '--start-epoch', ['an epoch below --epochs (5), got 5']),
 ]
 
 
@@ -311,6 +127,7 @@ def test_leaky_outside_the_unit_interval_is_if_and_the_choice_is_printed(leaky, 
 
 # ---------------------------------------------------------------- nothing lost
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_the_previous_checkpoint(trained, tmp_path, single_thread):
     """kill -9 while the next checkpoint is half written: every file of the previous epoch (checkpoint, best
     model, log) is byte-identical, and the run resumes from it."""
@@ -390,10 +207,12 @@ def test_resuming_into_another_runs_folder_is_refused(trained, tmp_path, capsys,
     assert digest(first) == before[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_epoch_stops_with_a_resumable_checkpoint(signum, data_root, tmp_path, single_thread):
-    """SIGINT/SIGTERM in epoch 2: exit 128+signal after the batch, epoch 1's checkpoint kept, --resume completes."""
-    folder, marks = tmp_path / 'run', tmp_path / 'marks'
+    """SIGINT/SIGTERM in epoch 2: exit 128+signal after the batch, epoch 1's checkpoint kept, and the printed
+    command (shell-quoted: the folder's path holds spaces) resumes and completes the run."""
+    folder, marks = tmp_path / 'my runs' / 'run 2', tmp_path / 'marks'
     marks.mkdir()
     # Batch 3 is the first of epoch 2; it waits there until the signal is sent.
     proc = launch('fashion_mlp', TINY + ['--path', data_root, '--epochs', '3', '-c', folder],
@@ -405,14 +224,18 @@ def test_signal_mid_epoch_stops_with_a_resumable_checkpoint(signum, data_root, t
     code, out, err = finish(proc)
 
     assert code == 128 + signum, err
-    assert err.strip().splitlines()[-1] == f'interrupted; resume with: python fashion_mlp.py --resume {folder / CKPT}'
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('interrupted; resume with: ')
+    command = shlex.split(last[len('interrupted; resume with: '):])
+    assert command == ['python', 'fashion_mlp.py', '--resume', str(folder / CKPT)]
     assert 'Epoch 2/3 ' not in out and 'Traceback' not in err
     assert digest(folder) == saved
     assert load_checkpoint(folder / CKPT)['epoch'] == 1 and len(log_rows(folder)) == 1
-    run_main('fashion_mlp', ['--resume', folder / CKPT])
+    run_main('fashion_mlp', command[2:])
     assert load_checkpoint(folder / CKPT)['epoch'] == 3 and len(log_rows(folder)) == 3
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_and_an_impossible_folder(trained, tmp_path, data_root):
     """ENOSPC half way through the checkpoint or the best model, or -c under a regular file: one line, exit 1,
     and every file as it was (neither file replaced, no temporary left, no log line)."""
@@ -525,6 +348,7 @@ def faulty_runs(tmp_path_factory, data_root):
     return {'skips': (root / 'skips', code, out, terminal), 'stops': (root / 'stops', *finish(stops))}
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_counted_and_leave_no_trace(faulty_runs):
     """A NaN batch and a NaN solver residual each skip one step with a warning, counted in the log and the
     bar; the run completes, and the NaN batch leaves no NaN in the BN statistics or the results."""
@@ -545,6 +369,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_no_trace(faulty_runs):
     assert 'skipped 1' in out.splitlines()[-2]
 
 
+@pytest.mark.slow
 def test_five_non_finite_steps_in_a_row_stop_at_the_last_good_checkpoint(faulty_runs):
     """Five skipped steps in a row end the run with one clear line naming the last good checkpoint, intact."""
     folder, code, out, err = faulty_runs['stops']
@@ -634,6 +459,17 @@ def test_unusable_checkpoint_is_refused_in_one_line(kind, make, script, problem,
     assert digest(folder) == before
 
 
+def test_missing_checkpoint_or_data_set_is_one_line(tmp_path, capsys):
+    """--resume of a file that is not there, or N-MNIST (which cannot be downloaded) absent from --path:
+    one line naming what is missing, exit 1, no run folder created."""
+    missing = tmp_path / 'missing.pth.tar'
+    assert fails('mnist_conv', ['--resume', missing], capsys) == (
+        1, f'mnist_conv.py: error: no checkpoint found at {missing}')
+    code, line = fails('nmnist_conv', ['--path', tmp_path / 'empty', '-j', '0', '-c', tmp_path / 'run'], capsys)
+    assert code == 1 and line.startswith(f'nmnist_conv.py: error: N-MNIST: no N-MNIST data found in {tmp_path / "empty"}')
+    assert not (tmp_path / 'run').exists()
+
+
 def _bad_idx_magic(root):
     """Fake MNIST whose test images file starts with a wrong magic number; returns (--path, file)."""
     raw = fakedata.make_mnist(str(root), n_train=16, n_test=16)
@@ -670,84 +506,6 @@ def test_malformed_data_file_is_named_and_stops(script, make, tmp_path, capsys):
     assert code == 1 and line.startswith(f'{script}.py: error: ')
     assert f'{path}: {problem}' in line
     assert not (tmp_path / 'run').exists()
-
-
-# ---------------------------------------------------------------- the paper's release checkpoints
-
-@pytest.fixture
-def released(tmp_path, monkeypatch):
-    """A fashion_mlp checkpoint in the release's layout (epoch 1, best 100 %), saved as if from a GPU."""
-    torch.manual_seed(0)
-    model = build_model('fashion_mlp', time_step=2, leaky=0.95)
-    path = tmp_path / 'released' / BEST
-    path.parent.mkdir()
-    save_as_cuda(release_checkpoint(model, epoch=1, acc=100.0), path, monkeypatch)
-    return path
-
-
-def test_release_checkpoint_resumes_training(released, data_root, tmp_path, capsys, single_thread):
-    """--resume with a release file trains on from its epoch (iteration = epoch x batches), warns in one line
-    that it has no RNG state, creates the log in its own folder, and refuses that folder once it holds a run."""
-    common = TINY + ['--path', data_root]
-    original = released.read_bytes()
-    assert math.isfinite(run_main('fashion_mlp', common + ['-e', '--resume', released])['acc'])
-
-    capsys.readouterr()
-    run_main('fashion_mlp', common + ['--resume', released, '--epochs', '3'])
-    out, err = capsys.readouterr()
-    assert err.strip().splitlines() == [f'warning: {released} holds no random-number state (not saved by this '
-                                        f'project); fresh streams from --manualSeed 0']
-    assert f'Resuming from {released}: epoch 2, iteration 2, best accuracy 100.00' in out
-    folder = released.parent
-    ckpt = load_checkpoint(folder / CKPT)
-    assert (ckpt['epoch'], ckpt['iteration'], ckpt['arch']) == (3, 6, 'fashion_mlp')
-    assert len(log_rows(folder)) == 2
-    assert released.read_bytes() == original  # 100 % was not beaten, so the release file stays
-
-    # The folder now holds a run: starting again from the release file there is refused.
-    before = digest(folder)
-    code, line = fails('fashion_mlp', common + ['--resume', released, '--epochs', '3'], capsys)
-    assert code == 1 and line == (f'fashion_mlp.py: error: {folder} already holds a run ({LOG}, {CKPT}): '
-                                  f'continue it with --resume {folder / CKPT}, or choose another folder with -c')
-    assert digest(folder) == before
-
-
-@cpu_bit_exact
-def test_release_checkpoint_in_a_new_folder_is_repeatable(released, data_root, tmp_path, single_thread):
-    """From a release file, -c new folders train the same for the same --manualSeed: the RNG starts from it."""
-    results = []
-    for name in ('a', 'b'):
-        run_main('fashion_mlp', TINY + ['--path', data_root, '--resume', released, '-c', tmp_path / name,
-                                        '--epochs', '2'])
-        results.append(load_checkpoint(tmp_path / name / CKPT))
-        assert len(log_rows(tmp_path / name)) == 1
-    assert results[0]['iteration'] == 4
-    assert all(torch.equal(results[0]['state_dict'][k], results[1]['state_dict'][k]) for k in results[0]['state_dict'])
-    assert sorted(os.listdir(released.parent)) == [BEST]
-
-
-def test_release_optimizer_state_is_used_when_it_fits(capsys):
-    """The release's SGD momentum is loaded (this run's hyperparameters kept); an Adam run starts afresh, warned."""
-    torch.manual_seed(0)
-    model = build_model('fashion_mlp', time_step=2)
-    ckpt = release_checkpoint(model, epoch=7, acc=88.0)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.0)
-    say = print
-    assert train.restore_foreign(ckpt, 'rel', sgd, 11, 3, distributed.Context(), say) == (7, 77, 88.0)
-    drawn = torch.rand(4)
-    torch.manual_seed(3)
-    assert torch.equal(drawn, torch.rand(4))  # fresh streams from the seed
-    saved = ckpt['optimizer']['state']
-    for index, param in enumerate(model.parameters()):
-        assert torch.equal(sgd.state[param]['momentum_buffer'], saved[index]['momentum_buffer'])
-    assert (sgd.param_groups[0]['momentum'], sgd.param_groups[0]['weight_decay']) == (0.5, 0.0)
-    assert 'optimizer state not used' not in capsys.readouterr().err
-
-    adam = torch.optim.Adam(model.parameters())
-    train.restore_foreign(ckpt, 'rel', adam, 11, 3, distributed.Context(), say)
-    assert not adam.state
-    assert ('warning: rel: optimizer state not used (it holds momentum_buffer, not Adam state); '
-            'starting from a fresh one') in capsys.readouterr().err.splitlines()
 
 
 # ---------------------------------------------------------------- model inputs

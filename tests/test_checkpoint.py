@@ -1,4 +1,5 @@
-"""Atomic writes, checkpoints (own and paper layout), RNG state, the text log and the meters."""
+"""The checkpoint file (utils/checkpoint.py): save and load, the paper's layout read as ours, fitting a network,
+the random-number state."""
 import argparse
 import os
 import random
@@ -10,10 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from utils.checkpoint import check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state, save_checkpoint, set_rng_state
-from utils.files import CheckpointError, atomic_write, atomic_write_text
-from utils.training.logger import Logger
-from utils.training.meters import AverageMeter, accuracy
+from utils.checkpoint import (check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state,
+                              save_checkpoint, set_rng_state)
+from utils.files import CheckpointError, atomic_write
 
 FB = 'snn.feedback.linear.parametrizations.weight.'
 
@@ -45,97 +45,6 @@ def one_line_error(excinfo):
 def load_checkpoint_raw(path):
     """torch.load as a consumer of the file would do it."""
     return torch.load(path, weights_only=True)
-
-
-# ---------------------------------------------------------------- atomic writes
-
-def test_atomic_save_failure_midway_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / 'checkpoint.pth.tar'
-    atomic_save({'epoch': 1}, path)
-
-    def broken_save(obj, f):
-        f.write(b'half a checkpoint')
-        raise RuntimeError('simulated failure. More details here.')
-    monkeypatch.setattr(torch, 'save', broken_save)
-    with pytest.raises(CheckpointError) as excinfo:
-        atomic_save({'epoch': 2}, path)
-    assert one_line_error(excinfo) == f'cannot write {path}: simulated failure'
-    monkeypatch.undo()
-    assert load_checkpoint_raw(path) == {'epoch': 1}
-    assert leftovers(tmp_path) == []
-
-
-def test_atomic_save_interrupt_removes_temp_and_propagates(tmp_path, monkeypatch):
-    def interrupted(obj, f):
-        f.write(b'x')
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, 'save', interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save({'epoch': 1}, tmp_path / 'c.pth.tar')
-    assert os.listdir(tmp_path) == []
-
-
-def test_atomic_save_into_unwritable_folder(tmp_path):
-    path = tmp_path / 'checkpoint.pth.tar'
-    atomic_save({'epoch': 1}, path)
-    os.chmod(tmp_path, 0o555)
-    try:
-        if os.access(tmp_path, os.W_OK):
-            pytest.skip('permissions are not enforced for this user (root)')
-        with pytest.raises(CheckpointError) as excinfo:
-            atomic_save({'epoch': 2}, path)
-        assert one_line_error(excinfo) == f'cannot write {path}: Permission denied'
-    finally:
-        os.chmod(tmp_path, 0o755)
-    assert load_checkpoint_raw(path) == {'epoch': 1}
-
-
-def test_atomic_save_over_a_directory(tmp_path):
-    target = tmp_path / 'checkpoint.pth.tar'
-    target.mkdir()
-    (target / 'keep').write_text('x')
-    with pytest.raises(CheckpointError) as excinfo:
-        atomic_save({'epoch': 1}, target)
-    assert one_line_error(excinfo).startswith(f'cannot write {target}: ')
-    assert (target / 'keep').read_text() == 'x'
-    assert leftovers(tmp_path) == []
-
-
-def test_atomic_save_into_missing_folder(tmp_path):
-    path = tmp_path / 'missing' / 'checkpoint.pth.tar'
-    with pytest.raises(CheckpointError) as excinfo:
-        atomic_save({'epoch': 1}, path)
-    assert one_line_error(excinfo) == f'cannot write {path}: No such file or directory'
-    assert os.listdir(tmp_path) == []
-
-
-def test_atomic_save_file_mode_follows_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        atomic_save({'epoch': 1}, tmp_path / 'c.pth.tar')
-    finally:
-        os.umask(old)
-    assert os.stat(tmp_path / 'c.pth.tar').st_mode & 0o777 == 0o644
-
-
-def test_atomic_write_text_replaces_and_cleans_up(tmp_path):
-    path = tmp_path / 'notes.txt'
-    atomic_write_text(path, 'first\n')
-    atomic_write_text(path, 'second ü\n')
-    assert path.read_text(encoding='utf-8') == 'second ü\n'
-    assert leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize('value, type_name', [
-    (argparse.Namespace(lr=0.1), 'argparse.Namespace'),
-    (np.float64(91.5), 'numpy.float64'),
-])
-def test_save_refuses_what_weights_only_cannot_load(tmp_path, value, type_name):
-    with pytest.raises(CheckpointError) as excinfo:
-        save_checkpoint({'state_dict': {}, 'extra': [1, {'x': value}]}, False, tmp_path)
-    message = one_line_error(excinfo)
-    assert f"state['extra'][1]['x'] is of type {type_name}" in message
-    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -496,96 +405,3 @@ def test_rng_state_through_checkpoint_without_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     set_rng_state(load_checkpoint(tmp_path / 'checkpoint.pth.tar')['rng'])
     assert draws() == expected
-
-
-# ---------------------------------------------------------------- text log
-
-HEADER = 'Learning Rate\tTrain Loss\tValid Loss\tTrain Acc.\tValid Acc.\n'
-
-
-def test_logger_writes_header_and_six_decimals(tmp_path):
-    path = tmp_path / 'log.txt'
-    logger = Logger(path, title='mnist')
-    logger.set_names(['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.'])
-    logger.append([0.05, torch.tensor(1.5), 2, 50.125, 60])
-    assert path.read_text() == HEADER + '0.050000\t1.500000\t2.000000\t50.125000\t60.000000\n'
-    with pytest.raises(ValueError, match='4 values for the 5 columns'):
-        logger.append([1, 2, 3, 4])
-
-
-def test_logger_default_names_written_on_first_append(tmp_path):
-    logger = Logger(tmp_path / 'log.txt')
-    logger.append([0.1, 1, 1, 1, 1])
-    assert (tmp_path / 'log.txt').read_text().startswith(HEADER)
-
-
-def test_logger_resume_appends_and_reads_back(tmp_path):
-    path = tmp_path / 'log.txt'
-    logger = Logger(path)
-    logger.append([0.05, 2.0, 2.1, 30.0, 31.0])
-    logger.append([0.05, 1.0, 1.1, 60.0, 61.0])
-    first = path.read_bytes()
-    resumed = Logger(path, resume=True)
-    assert resumed.numbers['Valid Acc.'] == [31.0, 61.0]
-    resumed.set_names(resumed.names)
-    resumed.append([0.005, 0.5, 0.6, 80.0, 81.0])
-    assert path.read_bytes().startswith(first)
-    assert Logger(path, resume=True).numbers['Train Loss'] == [2.0, 1.0, 0.5]
-
-
-def test_logger_refuses_to_start_over_an_existing_log(tmp_path):
-    path = tmp_path / 'log.txt'
-    Logger(path).append([0.05, 2.0, 2.1, 30.0, 31.0])
-    content = path.read_bytes()
-    with pytest.raises(FileExistsError):
-        Logger(path)
-    assert path.read_bytes() == content
-
-
-def test_logger_extra_column_and_mismatch_on_resume(tmp_path):
-    path = tmp_path / 'log.txt'
-    names = ['Learning Rate', 'Train Loss', 'Valid Loss', 'Train Acc.', 'Valid Acc.', 'Skipped Steps']
-    logger = Logger(path)
-    logger.set_names(names)
-    logger.append([0.05, 2.0, 2.1, 30.0, 31.0, 3])
-    resumed = Logger(path, resume=True)
-    assert resumed.numbers['Skipped Steps'] == [3.0]
-    with pytest.raises(ValueError, match='has the columns'):
-        resumed.set_names(names[:5])
-
-
-def test_logger_resume_after_a_cut_line(tmp_path):
-    path = tmp_path / 'log.txt'
-    path.write_text(HEADER + '0.050000\t2.000000\t2.100000\t30.000000\t31.000000\n0.05\t1.9')
-    logger = Logger(path, resume=True)
-    assert logger.numbers['Train Loss'] == [2.0]
-    logger.append([0.05, 1.0, 1.1, 60.0, 61.0])
-    lines = path.read_text().splitlines()
-    assert lines[-2:] == ['0.05\t1.9', '0.050000\t1.000000\t1.100000\t60.000000\t61.000000']
-    assert Logger(path, resume=True).numbers['Train Loss'] == [2.0, 1.0]
-
-
-def test_logger_plot_writes_png(tmp_path):
-    logger = Logger(tmp_path / 'log.txt', title='run')
-    for epoch in range(3):
-        logger.append([0.05, 2.0 - epoch, 2.1 - epoch, 30.0 + epoch, 31.0 + epoch])
-    logger.plot(tmp_path / 'log.png')
-    logger.plot(tmp_path / 'log.png')
-    assert (tmp_path / 'log.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert leftovers(tmp_path) == []
-
-
-# ---------------------------------------------------------------- meters
-
-def test_average_meter_weights_by_count():
-    meter = AverageMeter()
-    meter.update(torch.tensor(1.0), n=3)
-    meter.update(3.0, n=1)
-    assert (meter.val, meter.sum, meter.count, meter.avg) == (3.0, 6.0, 4, 1.5)
-
-
-def test_accuracy_top1_top2():
-    output = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
-    target = torch.tensor([1, 2, 0, 2])
-    top1, top2 = accuracy(output, target, topk=(1, 2))
-    assert top1.item() == pytest.approx(25.0) and top2.item() == pytest.approx(50.0)
