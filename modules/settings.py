@@ -1,7 +1,7 @@
 """The paper's settings for each of its five networks: the one table every script, tool and test reads.
 
 `NETS[name]` gives a network's training script, the data sets it reads and the
-paper's defaults for it (DESIGN.md §5); `defaults(name)` merges them with the
+paper's defaults for it (docs/method.md §5); `defaults(name)` merges them with the
 settings every script shares (`COMMON`). The network's shape lives in
 `modules.models.ARCHITECTURES`, under the same name.
 """

@@ -13,14 +13,9 @@ from torch.nn.utils import parametrize
 
 from utils.checkpoint import (check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state,
                               save_checkpoint, set_rng_state)
-from utils.files import CheckpointError, atomic_write
+from utils.files import CheckpointError
 
 FB = 'snn.feedback.linear.parametrizations.weight.'
-
-
-def atomic_save(obj, path):
-    """torch.save obj to path through utils.files.atomic_write, as save_checkpoint writes."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def bn_shapes(channels):

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import atomic_save, save_checkpoint
-from utils.files import CheckpointError, atomic_write_text
+from utils.checkpoint import save_checkpoint
+from utils.files import CheckpointError, atomic_write, atomic_write_text
+
+
+def atomic_save(obj, path):
+    """torch.save obj to path through utils.files.atomic_write, as save_checkpoint writes."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def leftovers(folder):

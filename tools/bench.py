@@ -64,7 +64,7 @@ CPU_BATCH = {"mnist_conv": 16, "fashion_mlp": 32, "nmnist_conv": 16, "alexnetf":
 SPIKE_DENSITY = 0.1
 COLUMNS = ("net", "T", "amp", "batch", "sim ms", "f fwd+bwd ms", "solve ms", "n iters", "syncs", "ms/iter",
            "ms/VJP", "iter/VJP", "optim ms", "step ms", "step/parts", "img/s", "peak MB", "input MB")
-# The benchmark's targets for a training step (README, "Speed and memory"): the parts add up to the
+# The benchmark's targets for a training step (docs/benchmarks.md): the parts add up to the
 # step, a conv net's solver iteration costs little more than its VJP, and peak memory does not grow with T.
 MAX_STEP_OVER_PARTS = 1.15
 MAX_ITER_OVER_VJP = 1.3

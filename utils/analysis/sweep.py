@@ -1,8 +1,8 @@
 """Trained weights evaluated at several numbers of time steps T: the one sweep over T, and its accuracy files.
 
 The weights of an IDE-FSNN do not depend on T: the same state_dict builds a
-network for any T (`model_at`), whose rate approaches the equilibrium a* with
-error O(1/T). `measure` evaluates one such network (loss, accuracy, firing
+network for any T (`model_at`), whose rate approaches the equilibrium a*
+(for IF with error O(1/T); for LIF down to a floor of order 1 − λ). `measure` evaluates one such network (loss, accuracy, firing
 rates and operation counts: utils.analysis.rates); get_rate.py --sweep-T
 writes all of it for each T, and the training scripts' `-e --sweep-T`
 (`sweep_accuracy`) the accuracy alone, as `<prefix>.json`, `<prefix>.csv` and

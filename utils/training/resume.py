@@ -1,6 +1,6 @@
 """A training run's folder and how a run continues from a checkpoint: who owns a folder, what resumes where.
 
-Rules (README, "Nothing lost"):
+Rules (docs/nothing-lost.md):
 - A run owns its folder for its lifetime through an exclusive lock on
   `.lock` (released by the operating system when the process dies, so a
   stale lock file never blocks a resume).
