@@ -333,3 +333,22 @@ def trained(tmp_path_factory, data_root):
     finally:
         torch.set_num_threads(threads)
     return folder
+
+
+# ---------------------------------------------------------------- file checks
+
+def leftovers(folder):
+    """Temporary files an atomic write would leave behind."""
+    return [name for name in os.listdir(folder) if name.endswith('.tmp')]
+
+
+def one_line_error(excinfo):
+    """The error message, asserted to be a single line."""
+    message = str(excinfo.value)
+    assert '\n' not in message
+    return message
+
+
+def load_checkpoint_raw(path):
+    """torch.load as a consumer of the file would do it."""
+    return torch.load(path, weights_only=True)

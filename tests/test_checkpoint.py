@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from utils.checkpoint import (check_compatible, load_checkpoint, load_into_model, normalize_state_dict, rng_state,
                               save_checkpoint, set_rng_state)
 from utils.files import CheckpointError
+from tests.conftest import leftovers, load_checkpoint_raw, one_line_error  # noqa: F401
 
 FB = 'snn.feedback.linear.parametrizations.weight.'
 
@@ -23,23 +24,6 @@ def bn_shapes(channels):
     c = channels
     return {'weight': (c,), 'bias': (c,), 'running_mean': (c,), 'running_var': (c,),
             'num_batches_tracked': ()}
-
-
-def leftovers(folder):
-    """Temporary files an atomic write would leave behind."""
-    return [name for name in os.listdir(folder) if name.endswith('.tmp')]
-
-
-def one_line_error(excinfo):
-    """The error message, asserted to be a single line."""
-    message = str(excinfo.value)
-    assert '\n' not in message
-    return message
-
-
-def load_checkpoint_raw(path):
-    """torch.load as a consumer of the file would do it."""
-    return torch.load(path, weights_only=True)
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -9,28 +9,12 @@ import torch
 
 from utils.checkpoint import save_checkpoint
 from utils.files import CheckpointError, atomic_write, atomic_write_text
+from tests.conftest import leftovers, load_checkpoint_raw, one_line_error  # noqa: F401
 
 
 def atomic_save(obj, path):
     """torch.save obj to path through utils.files.atomic_write, as save_checkpoint writes."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def leftovers(folder):
-    """Temporary files an atomic write would leave behind."""
-    return [name for name in os.listdir(folder) if name.endswith('.tmp')]
-
-
-def one_line_error(excinfo):
-    """The error message, asserted to be a single line."""
-    message = str(excinfo.value)
-    assert '\n' not in message
-    return message
-
-
-def load_checkpoint_raw(path):
-    """torch.load as a consumer of the file would do it."""
-    return torch.load(path, weights_only=True)
 
 
 def test_atomic_save_failure_midway_keeps_previous_file(tmp_path, monkeypatch):

@@ -69,7 +69,8 @@ def project_run(model, x):
         spikes[step_count[0] % len(spikes)].append(s.flatten(1).clone())
         step_count[0] += 1
         return u, s
-    rate, _ = snn.unroll(x, snn.input_layer, snn.loop_stats(), step)
+    loop_stats = snn.loop_stats()
+    rate, _ = snn.unroll(x, snn.input_layer, lambda l, s: snn.layers[l](s, stats=loop_stats[l]), step)
     return model.classifier(rate.flatten(1)), [torch.stack(s) for s in spikes]
 
 

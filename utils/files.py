@@ -173,6 +173,11 @@ def make_writable_folder(folder):
     except OSError as exc:
         raise CheckpointError(f'cannot create {folder}: {exc.strerror or exc}') from exc
     # Found now rather than after an evaluation or an epoch, which can take hours.
+    _probe_writable(folder)
+
+
+def _probe_writable(folder):
+    """CheckpointError unless this process can create a file in the existing folder (the probe is removed)."""
     probe = os.path.join(folder, f'.write-test.{os.getpid()}.tmp')
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -202,12 +207,7 @@ def check_output_folder(folder):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise CheckpointError(f'cannot write in {folder}: {existing} is a file, not a folder')
-    probe = os.path.join(existing, f'.write-test.{os.getpid()}.tmp')
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        os.remove(probe)
-    except OSError as exc:
-        raise CheckpointError(f'cannot write in {existing}: {exc.strerror or exc}') from exc
+    _probe_writable(existing)
 
 
 def make_folder_for(paths):
