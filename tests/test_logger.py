@@ -1,15 +1,11 @@
 """The run's text log (utils/training/logger.py): header, six decimals, resume, extra columns, the plot."""
-import os
+
 
 import pytest
 import torch
 
+from tests.conftest import leftovers
 from utils.training.logger import Logger
-
-
-def leftovers(folder):
-    """Temporary files an atomic write would leave behind."""
-    return [name for name in os.listdir(folder) if name.endswith('.tmp')]
 
 
 HEADER = 'Learning Rate\tTrain Loss\tValid Loss\tTrain Acc.\tValid Acc.\n'
